@@ -1,0 +1,1 @@
+"""Sub-commands of the ``extproc`` command line, one module per job."""
