@@ -1,0 +1,353 @@
+"""Settings from the environment and an optional TOML file, validated once, all problems at once.
+
+Every variable is ``EXTPROC_<NAME>``; the file (``EXTPROC_CONFIG_FILE`` or ``--config``) uses the
+same names in lower case, with or without the ``extproc_`` prefix. The environment wins over the
+file. ``Settings.from_env`` is pure: it reads only the mapping and the file it is given, and
+raises one ``ConfigError`` that lists every problem.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from extproc.core.errors import ExtprocError
+from extproc.core.model import Tier, TierPolicy
+
+PREFIX = "EXTPROC_"
+MIB = 1 << 20
+# gRPC messages carry the body plus headers and framing; this is the headroom above the body.
+GRPC_HEADROOM_BYTES = 1 * MIB
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+_DEFAULTS: dict[str, str] = {
+    "LISTEN": "127.0.0.1:50051",
+    "DATABASE_URL": "",
+    "ENABLED_TTLS": "5m,1h,24h",
+    "DEFAULT_TTL": "5m",
+    "PRINCIPAL_SOURCE": "api_keys",
+    "TOKENIZER_URL": "",
+    "TOKENIZERS": "",
+    "CLASSIFY_DEADLINE_MS": "150",
+    "COMMIT_DEADLINE_MS": "2000",
+    "MAX_BODY_BYTES": str(8 * MIB),
+    "METRICS_LISTEN": "127.0.0.1:9464",
+    "SHUTDOWN_GRACE_S": "20",
+    "WORKERS": "1",
+    "LOG_LEVEL": "INFO",
+    "SWEEP_INTERVAL_S": "60",
+}
+KNOWN_KEYS = (*_DEFAULTS, "CONFIG_FILE")
+# Never echoed in error messages: a database URL may carry a password.
+_SECRET_KEYS = frozenset({"DATABASE_URL"})
+
+
+class ConfigError(ExtprocError):
+    """The configuration is invalid; ``problems`` lists every reason, one line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid configuration:\n" + "\n".join(f"  {p}" for p in problems))
+        self.problems = tuple(problems)
+
+
+class PrincipalKind(enum.Enum):
+    """Where the billing principal comes from (DESIGN §6)."""
+
+    API_KEYS = "api_keys"
+    HEADER = "header"
+    KEY_HASH = "key_hash"
+
+
+@dataclass(frozen=True, slots=True)
+class PrincipalSource:
+    """The principal source; ``header`` is the trusted header's name for ``HEADER``."""
+
+    kind: PrincipalKind
+    header: str | None = None
+
+    def __str__(self) -> str:
+        return f"header:{self.header}" if self.kind is PrincipalKind.HEADER else self.kind.value
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    """A TCP listen address."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the server needs, already validated."""
+
+    listen: str = "127.0.0.1:50051"
+    database_url: str = ""
+    tiers: TierPolicy = field(default_factory=TierPolicy)
+    principal_source: PrincipalSource = PrincipalSource(PrincipalKind.API_KEYS)
+    tokenizer_url: str | None = None
+    tokenizers: tuple[tuple[str, str], ...] = ()
+    classify_deadline_ms: int = 150
+    commit_deadline_ms: int = 2000
+    max_body_bytes: int = 8 * MIB
+    metrics_listen: HostPort | None = HostPort("127.0.0.1", 9464)
+    shutdown_grace_s: float = 20.0
+    workers: int = 1
+    log_level: str = "INFO"
+    sweep_interval_s: float = 60.0
+
+    @property
+    def grpc_message_limit(self) -> int:
+        """gRPC max receive/send message length: the body limit plus headroom."""
+        return self.max_body_bytes + GRPC_HEADROOM_BYTES
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], file: Path | None = None) -> Settings:
+        """Validate ``env`` (and ``file`` or ``EXTPROC_CONFIG_FILE``); raise ``ConfigError``."""
+        problems: list[str] = []
+        raw = _merge(env, file, problems)
+        parsed = {key: _parse_one(key, raw[key], problems) for key in _PARSERS}
+        if problems:
+            raise ConfigError(problems)
+        tiers = _tier_policy(parsed["ENABLED_TTLS"], parsed["DEFAULT_TTL"], problems)
+        if problems or tiers is None:
+            raise ConfigError(problems)
+        return cls(
+            listen=parsed["LISTEN"],
+            database_url=parsed["DATABASE_URL"],
+            tiers=tiers,
+            principal_source=parsed["PRINCIPAL_SOURCE"],
+            tokenizer_url=parsed["TOKENIZER_URL"],
+            tokenizers=parsed["TOKENIZERS"],
+            classify_deadline_ms=parsed["CLASSIFY_DEADLINE_MS"],
+            commit_deadline_ms=parsed["COMMIT_DEADLINE_MS"],
+            max_body_bytes=parsed["MAX_BODY_BYTES"],
+            metrics_listen=parsed["METRICS_LISTEN"],
+            shutdown_grace_s=parsed["SHUTDOWN_GRACE_S"],
+            workers=parsed["WORKERS"],
+            log_level=parsed["LOG_LEVEL"],
+            sweep_interval_s=parsed["SWEEP_INTERVAL_S"],
+        )
+
+
+def _merge(env: Mapping[str, str], file: Path | None, problems: list[str]) -> dict[str, str]:
+    """Defaults, then the file, then the environment (empty variables count as unset)."""
+    merged = dict(_DEFAULTS)
+    path = file or (Path(env[PREFIX + "CONFIG_FILE"]) if env.get(PREFIX + "CONFIG_FILE") else None)
+    if path is not None:
+        merged.update(_read_file(path, problems))
+    for key in _DEFAULTS:
+        value = env.get(PREFIX + key)
+        if value is not None and value.strip():
+            merged[key] = value.strip()
+    return merged
+
+
+def _read_file(path: Path, problems: list[str]) -> dict[str, str]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        problems.append(f"config file {path}: cannot read: {exc.strerror or exc}")
+        return {}
+    except tomllib.TOMLDecodeError as exc:
+        problems.append(f"config file {path}: not valid TOML: {exc}")
+        return {}
+    out: dict[str, str] = {}
+    for name, value in data.items():
+        key = name.upper().removeprefix(PREFIX)
+        if key not in _DEFAULTS:
+            problems.append(f"config file {path}: unknown key {name!r}")
+            continue
+        out[key] = _file_value(value)
+    return out
+
+
+def _file_value(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _parse_one(key: str, text: str, problems: list[str]) -> Any:
+    try:
+        return _PARSERS[key](text)
+    except ValueError as exc:
+        shown = "<redacted>" if key in _SECRET_KEYS else repr(text)
+        problems.append(f"{PREFIX}{key}={shown}: {exc}")
+        return None
+
+
+def _listen(text: str) -> str:
+    if text.startswith("unix:"):
+        if not text.removeprefix("unix:").strip("/"):
+            raise ValueError("unix socket path is empty")
+        return text
+    return str(_host_port(text))
+
+
+_HOST_PORT = re.compile(r"(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<host>[^:\[\]\s]+)):(?P<port>\d+)")
+
+
+def _host_port(text: str) -> HostPort:
+    match = _HOST_PORT.fullmatch(text)
+    if match is None:
+        raise ValueError("expected host:port (IPv6 as [addr]:port) or unix:/path")
+    port = int(match["port"])
+    if not 0 <= port <= 65535:
+        raise ValueError("port must be in 0..65535")
+    return HostPort(match["v6"] or match["host"], port)
+
+
+def _metrics_listen(text: str) -> HostPort | None:
+    return None if text.lower() == "off" else _host_port(text)
+
+
+def _database_url(text: str) -> str:
+    if not text:
+        raise ValueError("required: the PostgreSQL URL of the prefix index")
+    if not text.startswith(("postgresql://", "postgres://", "host=", "dbname=")):
+        raise ValueError("expected a postgresql:// URL or a libpq key=value string")
+    return text
+
+
+def _tokenizer_url(text: str) -> str | None:
+    if text and not text.startswith(("http://", "https://")):
+        raise ValueError("expected an http:// or https:// URL")
+    return text or None
+
+
+def _tiers(text: str) -> frozenset[Tier]:
+    tiers: set[Tier] = set()
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        tier = Tier.parse(item)
+        if tier is None:
+            raise ValueError(f"unknown tier {item!r} (known: {', '.join(t.value for t in Tier)})")
+        tiers.add(tier)
+    if not tiers:
+        raise ValueError("at least one tier must be enabled")
+    return frozenset(tiers)
+
+
+def _tier(text: str) -> Tier:
+    tier = Tier.parse(text)
+    if tier is None:
+        raise ValueError(f"unknown tier (known: {', '.join(t.value for t in Tier)})")
+    return tier
+
+
+def _tier_policy(enabled: frozenset[Tier], default: Tier, problems: list[str]) -> TierPolicy | None:
+    if default not in enabled:
+        listed = ", ".join(t.value for t in Tier if t in enabled)
+        problems.append(
+            f"{PREFIX}DEFAULT_TTL={default.value!r}: not among {PREFIX}ENABLED_TTLS ({listed})"
+        )
+        return None
+    return TierPolicy(enabled=enabled, default=default)
+
+
+_HEADER_NAME = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
+
+
+def _principal_source(text: str) -> PrincipalSource:
+    if text.startswith("header:"):
+        name = text.removeprefix("header:").strip().lower()
+        if not _HEADER_NAME.fullmatch(name):
+            raise ValueError("header:<name> needs a valid HTTP header name")
+        return PrincipalSource(PrincipalKind.HEADER, name)
+    try:
+        kind = PrincipalKind(text)
+    except ValueError:
+        raise ValueError("expected api_keys, key_hash or header:<name>") from None
+    if kind is PrincipalKind.HEADER:
+        raise ValueError("header needs a name: header:<name>")
+    return PrincipalSource(kind)
+
+
+def _tokenizer_files(text: str) -> tuple[tuple[str, str], ...]:
+    """``alias=path`` items separated by commas, semicolons or newlines."""
+    pairs: list[tuple[str, str]] = []
+    for item in filter(None, (part.strip() for part in re.split(r"[,;\n]", text))):
+        alias, sep, path = (s.strip() for s in item.partition("="))
+        if not sep or not alias or not path:
+            raise ValueError(f"item {item!r} is not alias=path")
+        if alias in dict(pairs):
+            raise ValueError(f"alias {alias!r} is mapped twice")
+        pairs.append((alias, path))
+    return tuple(pairs)
+
+
+def _bounded_int(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.replace("_", ""))
+        except ValueError:
+            raise ValueError("expected an integer") from None
+        if not low <= value <= high:
+            raise ValueError(f"must be in {low}..{high}")
+        return value
+
+    return parse
+
+
+def _seconds(low: float, high: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError("expected a number of seconds") from None
+        if not low <= value <= high:
+            raise ValueError(f"must be in {low:g}..{high:g}")
+        return value
+
+    return parse
+
+
+_SIZE = re.compile(r"(?P<n>\d+)\s*(?P<unit>|b|k|kb|kib|m|mb|mib|g|gb|gib)", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def _size(text: str) -> int:
+    match = _SIZE.fullmatch(text.replace("_", ""))
+    if match is None:
+        raise ValueError("expected a byte count such as 8388608 or 8MiB")
+    value = int(match["n"]) * _UNITS[match["unit"][:1].lower()]
+    if not 1024 <= value <= 1 << 30:
+        raise ValueError("must be between 1 KiB and 1 GiB")
+    return value
+
+
+def _log_level(text: str) -> str:
+    if text.upper() not in LOG_LEVELS:
+        raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}")
+    return text.upper()
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "LISTEN": _listen,
+    "DATABASE_URL": _database_url,
+    "ENABLED_TTLS": _tiers,
+    "DEFAULT_TTL": _tier,
+    "PRINCIPAL_SOURCE": _principal_source,
+    "TOKENIZER_URL": _tokenizer_url,
+    "TOKENIZERS": _tokenizer_files,
+    "CLASSIFY_DEADLINE_MS": _bounded_int(1, 60_000),
+    "COMMIT_DEADLINE_MS": _bounded_int(1, 600_000),
+    "MAX_BODY_BYTES": _size,
+    "METRICS_LISTEN": _metrics_listen,
+    "SHUTDOWN_GRACE_S": _seconds(0, 3600),
+    "WORKERS": _bounded_int(1, 256),
+    "LOG_LEVEL": _log_level,
+    "SWEEP_INTERVAL_S": _seconds(0, 86400),
+}

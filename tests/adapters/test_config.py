@@ -1,0 +1,182 @@
+"""Settings.from_env: every variable valid and invalid, file merging, all problems at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from extproc.config import (
+    ConfigError,
+    HostPort,
+    PrincipalKind,
+    PrincipalSource,
+    Settings,
+)
+from extproc.core.model import Tier, TierPolicy
+
+DB = "postgresql://extproc@127.0.0.1:5432/extproc"
+
+
+def settings(**env: str) -> Settings:
+    return Settings.from_env({"EXTPROC_DATABASE_URL": DB, **env})
+
+
+def test_defaults() -> None:
+    s = settings()
+    assert s == Settings(database_url=DB)
+    assert s.listen == "127.0.0.1:50051"
+    assert s.tiers == TierPolicy(frozenset(Tier), Tier.M5)
+    assert s.principal_source == PrincipalSource(PrincipalKind.API_KEYS)
+    assert s.metrics_listen == HostPort("127.0.0.1", 9464)
+    assert (s.classify_deadline_ms, s.commit_deadline_ms) == (150, 2000)
+    assert s.max_body_bytes == 8 << 20
+    assert s.grpc_message_limit > s.max_body_bytes
+    assert (s.shutdown_grace_s, s.workers, s.log_level) == (20.0, 1, "INFO")
+
+
+VALID = [
+    pytest.param("LISTEN", "0.0.0.0:6000", "listen", "0.0.0.0:6000", id="listen-tcp"),
+    pytest.param("LISTEN", "[::1]:6000", "listen", "[::1]:6000", id="listen-ipv6"),
+    pytest.param("LISTEN", "localhost:0", "listen", "localhost:0", id="listen-port-0"),
+    pytest.param("LISTEN", "unix:/run/extproc.sock", "listen", "unix:/run/extproc.sock", id="unix"),
+    pytest.param("DATABASE_URL", "postgres://u@h/d", "database_url", "postgres://u@h/d", id="db"),
+    pytest.param("DATABASE_URL", "host=/tmp dbname=x", "database_url", "host=/tmp dbname=x",
+                 id="db-kv"),
+    pytest.param(
+        "ENABLED_TTLS", "5m, 1h", "tiers", TierPolicy(frozenset({Tier.M5, Tier.H1})), id="ttls"
+    ),
+    pytest.param("PRINCIPAL_SOURCE", "key_hash", "principal_source",
+                 PrincipalSource(PrincipalKind.KEY_HASH), id="principal-key-hash"),
+    pytest.param("PRINCIPAL_SOURCE", "header:X-Tenant-Id", "principal_source",
+                 PrincipalSource(PrincipalKind.HEADER, "x-tenant-id"), id="principal-header"),
+    pytest.param("TOKENIZER_URL", "http://127.0.0.1:8100", "tokenizer_url",
+                 "http://127.0.0.1:8100", id="tokenizer-url"),
+    pytest.param("TOKENIZERS", "qwen=/t/q.json, mistral = /t/m.json", "tokenizers",
+                 (("qwen", "/t/q.json"), ("mistral", "/t/m.json")), id="tokenizer-files"),
+    pytest.param("CLASSIFY_DEADLINE_MS", "1500", "classify_deadline_ms", 1500, id="classify-ms"),
+    pytest.param("COMMIT_DEADLINE_MS", "5_000", "commit_deadline_ms", 5000, id="commit-ms"),
+    pytest.param("MAX_BODY_BYTES", "16MiB", "max_body_bytes", 16 << 20, id="body-mib"),
+    pytest.param("MAX_BODY_BYTES", "65536", "max_body_bytes", 65536, id="body-bytes"),
+    pytest.param("METRICS_LISTEN", "off", "metrics_listen", None, id="metrics-off"),
+    pytest.param("METRICS_LISTEN", "0.0.0.0:9000", "metrics_listen", HostPort("0.0.0.0", 9000),
+                 id="metrics-addr"),
+    pytest.param("SHUTDOWN_GRACE_S", "2.5", "shutdown_grace_s", 2.5, id="grace"),
+    pytest.param("WORKERS", "4", "workers", 4, id="workers"),
+    pytest.param("LOG_LEVEL", "debug", "log_level", "DEBUG", id="log-level"),
+    pytest.param("SWEEP_INTERVAL_S", "0", "sweep_interval_s", 0.0, id="sweep-off"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("var", "text", "attr", "expected"), VALID)
+def test_valid_value(var: str, text: str, attr: str, expected: Any) -> None:
+    assert getattr(settings(**{f"EXTPROC_{var}": text}), attr) == expected
+
+
+INVALID = [
+    pytest.param("LISTEN", "50051", id="listen-no-host"),
+    pytest.param("LISTEN", "host:99999", id="listen-port-range"),
+    pytest.param("LISTEN", "unix:", id="listen-empty-unix"),
+    pytest.param("DATABASE_URL", "mysql://x", id="db-scheme"),
+    pytest.param("ENABLED_TTLS", "5m,2h", id="ttls-unknown"),
+    pytest.param("ENABLED_TTLS", ",", id="ttls-empty"),
+    pytest.param("DEFAULT_TTL", "7d", id="default-unknown"),
+    pytest.param("PRINCIPAL_SOURCE", "ldap", id="principal-unknown"),
+    pytest.param("PRINCIPAL_SOURCE", "header:", id="principal-header-empty"),
+    pytest.param("PRINCIPAL_SOURCE", "header:bad name", id="principal-header-bad"),
+    pytest.param("TOKENIZER_URL", "ftp://x", id="tokenizer-url-scheme"),
+    pytest.param("TOKENIZERS", "qwen", id="tokenizers-no-path"),
+    pytest.param("TOKENIZERS", "a=/x,a=/y", id="tokenizers-duplicate"),
+    pytest.param("CLASSIFY_DEADLINE_MS", "fast", id="classify-not-int"),
+    pytest.param("CLASSIFY_DEADLINE_MS", "0", id="classify-zero"),
+    pytest.param("COMMIT_DEADLINE_MS", "-1", id="commit-negative"),
+    pytest.param("MAX_BODY_BYTES", "8 parsecs", id="body-unit"),
+    pytest.param("MAX_BODY_BYTES", "10", id="body-too-small"),
+    pytest.param("METRICS_LISTEN", "on", id="metrics-bad"),
+    pytest.param("SHUTDOWN_GRACE_S", "soon", id="grace-not-number"),
+    pytest.param("WORKERS", "0", id="workers-zero"),
+    pytest.param("LOG_LEVEL", "chatty", id="log-level"),
+    pytest.param("SWEEP_INTERVAL_S", "-5", id="sweep-negative"),
+]
+
+
+@pytest.mark.parametrize(("var", "text"), INVALID)
+def test_invalid_value(var: str, text: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        settings(**{f"EXTPROC_{var}": text})
+    assert len(caught.value.problems) == 1
+    assert caught.value.problems[0].startswith(f"EXTPROC_{var}=")
+
+
+def test_database_url_required_and_never_echoed() -> None:
+    with pytest.raises(ConfigError, match="EXTPROC_DATABASE_URL"):
+        Settings.from_env({})
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"EXTPROC_DATABASE_URL": "mysql://user:s3cret@db/x"})
+    assert "s3cret" not in str(caught.value)
+
+
+def test_default_ttl_must_be_enabled() -> None:
+    with pytest.raises(ConfigError, match="EXTPROC_DEFAULT_TTL='24h': not among"):
+        settings(EXTPROC_ENABLED_TTLS="5m,1h", EXTPROC_DEFAULT_TTL="24h")
+
+
+def test_every_problem_reported_at_once() -> None:
+    env = {
+        "EXTPROC_LISTEN": "nowhere",
+        "EXTPROC_WORKERS": "many",
+        "EXTPROC_LOG_LEVEL": "loud",
+        "EXTPROC_ENABLED_TTLS": "1w",
+    }
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(env)
+    names = sorted(p.split("=", 1)[0] for p in caught.value.problems)
+    assert names == [
+        "EXTPROC_DATABASE_URL",
+        "EXTPROC_ENABLED_TTLS",
+        "EXTPROC_LISTEN",
+        "EXTPROC_LOG_LEVEL",
+        "EXTPROC_WORKERS",
+    ]
+
+
+def test_empty_variable_means_default() -> None:
+    assert settings(EXTPROC_LISTEN="  ").listen == "127.0.0.1:50051"
+
+
+def test_file_values_and_env_wins(tmp_path: Path) -> None:
+    path = tmp_path / "extproc.toml"
+    path.write_text(
+        f'database_url = "{DB}"\nworkers = 3\nenabled_ttls = ["5m", "1h"]\n'
+        'extproc_log_level = "warning"\n[tokenizers]\nqwen = "/t/q.json"\n'
+    )
+    s = Settings.from_env({"EXTPROC_WORKERS": "2"}, path)
+    assert (s.database_url, s.workers, s.log_level) == (DB, 2, "WARNING")
+    assert s.tiers.enabled == frozenset({Tier.M5, Tier.H1})
+    assert s.tokenizers == (("qwen", "/t/q.json"),)
+
+
+def test_file_named_by_env(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(f'database_url = "{DB}"\n')
+    assert Settings.from_env({"EXTPROC_CONFIG_FILE": str(path)}).database_url == DB
+
+
+FILE_PROBLEMS = [
+    pytest.param("workers = \n", "not valid TOML", id="bad-toml"),
+    pytest.param('colour = "blue"\n', "unknown key 'colour'", id="unknown-key"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), FILE_PROBLEMS)
+def test_file_problems(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_env({"EXTPROC_DATABASE_URL": DB}, path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        Settings.from_env({"EXTPROC_DATABASE_URL": DB}, tmp_path / "absent.toml")
