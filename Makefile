@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup test lint typecheck unit dev clean
+.PHONY: setup test lint typecheck generated unit dev clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,10 +21,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# The committed Envoy API stubs in typings/ must match a fresh buf generation (buf.gen.yaml).
+generated: $(STAMP)
+	$(BIN)/python scripts/gen_stubs.py --check
+
 unit: $(STAMP)
 	$(BIN)/pytest
 
-test: lint typecheck unit
+test: lint typecheck generated unit
 
 dev: $(STAMP)
 	$(BIN)/extproc explain examples/request.json
