@@ -1,0 +1,234 @@
+"""Incremental SSE framing and the one edit it allows: the usage frame.
+
+A sans-IO core: bytes go in through ``SseStream.feed``, complete events come out as the bytes
+received; "need more data" is an empty list. ``flush`` at end of stream hands back the rest.
+
+Rules:
+* every byte fed comes out exactly once, in order and unchanged, in the ``raw`` of an event
+  returned by ``feed`` or ``flush`` (or in ``EventTooLarge.pending``); the only bytes that
+  are ever rewritten are the usage frame's, and only by ``SseStream.edit_usage_event``;
+* framing does not depend on chunking: an event ends with its blank line, line endings
+  ``\\n``, ``\\r\\n`` and ``\\r`` mixed freely; a blank line that ends in ``\\r`` at the end of
+  the data waits for the next byte, which may make it ``\\r\\n``;
+* an event is JSON-parsed only when its bytes contain ``"error"`` or ``[DONE]``, or, until the
+  usage frame was seen, ``"usage"`` other than as ``"usage":null``;
+* the usage frame is the first event whose data is a JSON object with a ``usage`` object and
+  no error; an error frame is one whose data object has an ``error`` object;
+* an event longer than ``MAX_EVENT_BYTES`` raises ``EventTooLarge``; from then on the stream
+  passes every chunk through as one plain event, unframed and unclassified.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+from extproc.core import codec
+from extproc.core.errors import UpstreamFormatError
+from extproc.core.model import Split
+from extproc.core.usage import is_error_document, parse_object, splice_usage
+
+MAX_EVENT_BYTES = 64 * 1024
+
+_CR = 0x0D
+_EOL = re.compile(rb"\r\n|\r|\n")
+_BLANK_LINE = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
+_LINE = re.compile(rb"([^\r\n]*)(\r\n|\r|\n)")
+_USAGE_KEY = b'"usage"'
+_USAGE_NULLS = (b'"usage":null', b'"usage": null')
+_LOOKBACK = 3  # a blank line is at most 4 bytes; resume its search this far before the end
+
+
+class Kind(enum.Enum):
+    """What an event means to the accounting."""
+
+    PLAIN = "plain"
+    USAGE = "usage"
+    ERROR = "error"
+    DONE = "done"
+
+
+@dataclass(frozen=True, slots=True)
+class SseEvent:
+    """One event exactly as received, blank line included, and its kind."""
+
+    raw: bytes
+    kind: Kind = Kind.PLAIN
+
+
+@dataclass(frozen=True, slots=True)
+class StreamFacts:
+    """What the stream showed so far, for the commit verdict."""
+
+    usage_seen: bool
+    error_seen: bool
+    done_seen: bool
+    implausible: bool
+    oversized: bool
+
+
+class EventTooLarge(UpstreamFormatError):
+    """An event exceeded ``MAX_EVENT_BYTES``.
+
+    The caller forwards ``pending`` (every byte fed and not yet returned) unchanged, keeps
+    forwarding later chunks unchanged (``feed`` now returns each as one plain event), edits
+    nothing more and does not commit (the verdict's ``OVERSIZED_EVENT``).
+    """
+
+    def __init__(self, size: int, pending: bytes) -> None:
+        super().__init__(f"SSE event of at least {size} bytes exceeds {MAX_EVENT_BYTES}")
+        self.size = size
+        self.pending = pending
+
+
+class SseStream:
+    """Frames one response body into events and classifies them; see the module rules."""
+
+    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+        self._buf = bytearray()
+        self._scan = 0
+        self._max = max_event_bytes
+        self._usage_seen = False
+        self._error_seen = False
+        self._done_seen = False
+        self._implausible = False
+        self._oversized = False
+
+    @property
+    def facts(self) -> StreamFacts:
+        return StreamFacts(
+            self._usage_seen, self._error_seen, self._done_seen, self._implausible, self._oversized
+        )
+
+    def feed(self, chunk: bytes) -> list[SseEvent]:
+        """Complete events so far; an empty list means more data is needed."""
+        if self._oversized:
+            return [SseEvent(bytes(chunk))] if chunk else []
+        self._buf += chunk
+        ends = self._frame()
+        if ends and ends[-1] == len(self._buf) and self._buf[-1] == _CR:
+            ends.pop()  # its blank line may yet become "\r\n"
+        self._check_size(ends)
+        return self._take(ends)
+
+    def flush(self) -> list[SseEvent]:
+        """At end of stream: the held events, then any unterminated rest as a plain event."""
+        events = self._take(self._frame())
+        if self._buf:
+            events.append(SseEvent(bytes(self._buf)))
+            self._buf.clear()
+        self._scan = 0
+        return events
+
+    def edit_usage_event(self, event: SseEvent, split: Split) -> bytes:
+        """The usage frame's bytes with ``split`` spliced in; records an implausible split."""
+        if event.kind is not Kind.USAGE:
+            raise ValueError(f"not the usage frame: {event.kind.value} event")
+        payload = _data_payload(event.raw)
+        doc = None if payload is None else parse_object(payload)
+        if doc is None:
+            raise ValueError("the usage frame carries no JSON object")
+        spliced = splice_usage(doc["usage"], split)
+        self._implausible = self._implausible or spliced.implausible
+        if spliced.usage == doc["usage"]:
+            return event.raw
+        doc["usage"] = spliced.usage
+        return _replace_data(event.raw, codec.dumps(doc))
+
+    def _frame(self) -> list[int]:
+        """End offsets of the complete events in the buffer, in order."""
+        buf, ends, start = self._buf, [], 0
+        while start < len(buf):
+            end = _event_end(buf, start, max(start, self._scan))
+            if end is None:
+                break
+            ends.append(end)
+            start = end
+        return ends
+
+    def _check_size(self, ends: list[int]) -> None:
+        starts = [0, *ends]
+        sizes = [end - begin for begin, end in zip(starts, ends, strict=False)]
+        size = max([*sizes, len(self._buf) - starts[-1]])
+        if size > self._max:
+            pending = bytes(self._buf)
+            self._buf.clear()
+            self._oversized = True
+            raise EventTooLarge(size, pending)
+
+    def _take(self, ends: list[int]) -> list[SseEvent]:
+        """Cut the framed events off the buffer and classify them."""
+        buf, events, start = self._buf, [], 0
+        for end in ends:
+            raw = bytes(buf[start:end])
+            events.append(SseEvent(raw, self._classify(raw)))
+            start = end
+        del buf[:start]
+        self._scan = max(0, len(buf) - _LOOKBACK)
+        return events
+
+    def _classify(self, raw: bytes) -> Kind:
+        if not self._may_matter(raw):
+            return Kind.PLAIN
+        payload = _data_payload(raw)
+        if payload == b"[DONE]":
+            self._done_seen = True
+            return Kind.DONE
+        doc = None if payload is None else parse_object(payload)
+        if doc is None:
+            return Kind.PLAIN
+        if is_error_document(doc):
+            self._error_seen = True
+            return Kind.ERROR
+        if not self._usage_seen and isinstance(doc.get("usage"), dict):
+            self._usage_seen = True
+            return Kind.USAGE
+        return Kind.PLAIN
+
+    def _may_matter(self, raw: bytes) -> bool:
+        if b'"error"' in raw or b"[DONE]" in raw:
+            return True
+        return not self._usage_seen and _has_usage_key(raw)
+
+
+def _event_end(buf: bytearray, start: int, scan: int) -> int | None:
+    """Where the event at ``start`` ends, searching its blank line from ``scan``."""
+    if buf[start] in b"\r\n":  # a blank line right at the start is an event of its own
+        line = _EOL.match(buf, start)
+        return None if line is None else line.end()
+    blank = _BLANK_LINE.search(buf, scan)
+    return None if blank is None else blank.end()
+
+
+def _has_usage_key(raw: bytes) -> bool:
+    """Whether ``raw`` has a ``"usage"`` key that is not plainly ``null``."""
+    keys = raw.count(_USAGE_KEY)
+    return keys > 0 and keys > sum(raw.count(null) for null in _USAGE_NULLS)
+
+
+def _is_data_line(line: bytes) -> bool:
+    return line.startswith(b"data:") or line == b"data"
+
+
+def _data_payload(raw: bytes) -> bytes | None:
+    """The event's data lines joined by ``\\n`` (SSE spec), or ``None`` without any."""
+    values = [line[5:] for line in _EOL.split(raw) if _is_data_line(line)]
+    if not values:
+        return None
+    return b"\n".join(v[1:] if v.startswith(b" ") else v for v in values)
+
+
+def _replace_data(raw: bytes, data: bytes) -> bytes:
+    """``raw`` with its data lines replaced by one line of ``data`` at the first one's place."""
+    parts: list[bytes] = []
+    placed = False
+    for line in _LINE.finditer(raw):
+        content, eol = line.group(1), line.group(2)
+        if not _is_data_line(content):
+            parts.append(line.group(0))
+        elif not placed:
+            prefix = b"data: " if content.startswith(b"data: ") else b"data:"
+            parts.append(prefix + data + eol)
+            placed = True
+    return b"".join(parts)
