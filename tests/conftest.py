@@ -1,0 +1,5 @@
+"""Shared fixtures live in plugins; this file only registers them."""
+
+pytest_plugins = [
+    "tests.plugins.postgres",
+]
