@@ -1,0 +1,1 @@
+"""The extproc test suite."""
