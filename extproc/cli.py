@@ -13,6 +13,9 @@ from extproc.core.errors import ExtprocError
 # ``func(args) -> int`` as its default. Imported lazily so ``extproc explain`` stays light.
 COMMAND_MODULES = (
     "extproc.commands.explain",
+    "extproc.commands.health",
+    "extproc.commands.demo_upstream",
+    "extproc.commands.dev",
 )
 
 

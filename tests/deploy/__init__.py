@@ -1,0 +1,1 @@
+"""Deployment artefacts, the demo upstream, the health probe and the local stack."""
