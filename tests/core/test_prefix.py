@@ -132,7 +132,7 @@ def test_prefix_hashes(messages: Any, inputs: list[bytes]) -> None:
     assert [h.hex() for h in prefix_hashes(messages)] == _chain(*inputs)
 
 
-def _user(*blocks: dict[str, Any]) -> dict[str, Any]:
+def _user(*blocks: object) -> dict[str, Any]:
     return {"role": "user", "content": list(blocks)}
 
 
