@@ -141,6 +141,14 @@ def read_applied(conn: psycopg.Connection[TupleRow]) -> list[AppliedMigration]:
 
 
 def _apply(conn: psycopg.Connection[TupleRow], migration: Migration) -> None:
+    try:
+        _apply_in_transaction(conn, migration)
+    except psycopg.DatabaseError as exc:
+        detail = " ".join(str(exc).split())
+        raise MigrationError(f"migration {migration.label}.sql failed: {detail}") from exc
+
+
+def _apply_in_transaction(conn: psycopg.Connection[TupleRow], migration: Migration) -> None:
     with conn.transaction():
         conn.execute(migration.sql)
         conn.execute(
