@@ -6,6 +6,7 @@ Invariants:
 * hash *i* is SHA-256 over ``role_utf8 + b"\\x00" + canonical(block)`` for blocks 0..i, with
   only the block's own top-level ``cache_control`` left out, so markers never change a hash;
 * the hashes of a prefix of the messages are a prefix of the hashes;
+* ``scan`` validates every marker and allows at most ``markers.MAX_BREAKPOINTS``;
 * walk-back candidates are unique per block and never reach below block 0.
 """
 
@@ -21,16 +22,6 @@ from extproc.core.model import PrefixHash, Tier, TierPolicy
 
 WALKBACK = 20
 """Boundaries looked up per breakpoint: the breakpoint's own and the 19 before it."""
-
-
-@dataclass(frozen=True, slots=True)
-class Element:
-    """One raw block as it appears in the request, with where it came from."""
-
-    role: str
-    value: Any
-    message_index: int
-    content_index: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,8 +50,24 @@ class Candidate:
     prefix_hash: PrefixHash
 
 
-def elements(messages: object) -> Iterator[Element]:
-    """Every block of ``messages`` in order; malformed messages contribute nothing."""
+@dataclass(frozen=True, slots=True)
+class Scan:
+    """Everything one pass over the messages learns: blocks, prefix hashes, breakpoints."""
+
+    blocks: tuple[Block, ...]
+    hashes: tuple[PrefixHash, ...]
+    breakpoints: tuple[Breakpoint, ...]
+
+
+_Raw = tuple[str, Any, int, int]
+"""A raw block: role, the element (or the string content), message and content index."""
+
+_STRING = -1
+"""The content index of a string content, which is a block of its own."""
+
+
+def _walk(messages: object) -> Iterator[_Raw]:
+    """Every raw block of ``messages`` in order; malformed messages contribute nothing."""
     if not isinstance(messages, list):
         return
     for i, message in enumerate(messages):
@@ -70,62 +77,71 @@ def elements(messages: object) -> Iterator[Element]:
         role = role if isinstance(role, str) else ""
         content = message.get("content")
         if isinstance(content, str):
-            yield Element(role, {"type": "text", "text": content}, i, None)
+            yield role, content, i, _STRING
         elif isinstance(content, list):
             for j, value in enumerate(content):
-                yield Element(role, value, i, j)
+                yield role, value, i, j
 
 
-def build_blocks(messages: object, policy: TierPolicy) -> tuple[Block, ...]:
-    """The blocks of ``messages`` with validated markers; raises ``MarkerError``."""
-    blocks = tuple(_block(element, policy) for element in elements(messages))
-    markers.check_breakpoint_count(sum(1 for block in blocks if block.tier is not None))
-    return blocks
+def scan(messages: object, policy: TierPolicy) -> Scan:
+    """Blocks with validated markers, prefix hashes and breakpoints; raises ``MarkerError``."""
+    running = hashlib.sha256()
+    blocks: list[Block] = []
+    hashes: list[PrefixHash] = []
+    points: list[Breakpoint] = []
+    for raw in _walk(messages):
+        block = _block(raw, policy)
+        if block.tier is not None:
+            points.append(Breakpoint(len(blocks), block.tier))
+        blocks.append(block)
+        running.update(_hash_input(raw))
+        hashes.append(PrefixHash(running.copy().digest()))
+    markers.check_breakpoint_count(len(points))
+    return Scan(tuple(blocks), tuple(hashes), tuple(points))
 
 
-def _block(element: Element, policy: TierPolicy) -> Block:
-    value = element.value
+def _block(raw: _Raw, policy: TierPolicy) -> Block:
+    role, value, i, j = raw
+    if j == _STRING:
+        return Block(role, "text", value, None)
     if not isinstance(value, dict):
-        return Block(element.role, "", "", None)
+        return Block(role, "", "", None)
     kind = value.get("type")
     text = value.get("text")
+    marker = value.get(markers.MARKER_KEY)
     return Block(
-        role=element.role,
+        role=role,
         kind=kind if isinstance(kind, str) else "",
         text=text if isinstance(text, str) else "",
-        tier=_tier(element, policy),
+        tier=None if marker is None else _tier(marker, policy, i, j),
     )
 
 
-def _tier(element: Element, policy: TierPolicy) -> Tier | None:
-    marker = element.value.get(markers.MARKER_KEY)
-    if marker is None:
-        return None
-    where = f"messages[{element.message_index}].content[{element.content_index}]"
-    return markers.marker_tier(marker, policy, where)
+def _tier(marker: object, policy: TierPolicy, i: int, j: int) -> Tier | None:
+    return markers.marker_tier(marker, policy, f"messages[{i}].content[{j}]")
 
 
-def hash_input(element: Element) -> bytes:
+def _hash_input(raw: _Raw) -> bytes:
     """The bytes one block adds to the running hash."""
-    value = element.value
-    if isinstance(value, dict) and markers.MARKER_KEY in value:
-        value = {k: v for k, v in value.items() if k != markers.MARKER_KEY}
-    return element.role.encode() + b"\x00" + codec.canonical(value)
+    role, value, _, j = raw
+    if j == _STRING:
+        # canonical({"type": "text", "text": value}) without building the dict
+        body = b'{"text":' + codec.canonical(value) + b',"type":"text"}'
+    elif isinstance(value, dict) and markers.MARKER_KEY in value:
+        body = codec.canonical({k: v for k, v in value.items() if k != markers.MARKER_KEY})
+    else:
+        body = codec.canonical(value)
+    return role.encode() + b"\x00" + body
 
 
 def prefix_hashes(messages: object) -> tuple[PrefixHash, ...]:
-    """The cumulative prefix hash after each block of ``messages``."""
+    """The cumulative prefix hash after each block of ``messages`` (markers not validated)."""
     running = hashlib.sha256()
     hashes = []
-    for element in elements(messages):
-        running.update(hash_input(element))
+    for raw in _walk(messages):
+        running.update(_hash_input(raw))
         hashes.append(PrefixHash(running.copy().digest()))
     return tuple(hashes)
-
-
-def breakpoints(blocks: Sequence[Block]) -> tuple[Breakpoint, ...]:
-    """The marked blocks in order."""
-    return tuple(Breakpoint(i, b.tier) for i, b in enumerate(blocks) if b.tier is not None)
 
 
 def walkback_candidates(

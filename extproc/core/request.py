@@ -5,7 +5,7 @@ Invariants:
   forwarded untouched (the upstream answers it);
 * invalid markers raise ``MarkerError`` before anything else is decided;
 * when nothing changed, ``Prepared.body`` is the very bytes object that came in;
-* hashes are taken over the content without markers, so stripping first changes none.
+* blocks, hashes and breakpoints come from one pass over the messages, before stripping.
 """
 
 from __future__ import annotations
@@ -39,8 +39,7 @@ def prepare(raw: bytes, policy: TierPolicy) -> Prepared | None:
         return None
     if not isinstance(body, dict):
         return None
-    messages = body.get("messages")
-    blocks = prefix.build_blocks(messages, policy)
+    scanned = prefix.scan(body.get("messages"), policy)
     stripped = markers.strip_markers(body)
     model = body.get("model")
     return Prepared(
@@ -49,7 +48,7 @@ def prepare(raw: bytes, policy: TierPolicy) -> Prepared | None:
         had_markers=stripped.had_markers,
         model=model if isinstance(model, str) else None,
         stream=body.get("stream") is True,
-        blocks=blocks,
-        hashes=prefix.prefix_hashes(messages),
-        breakpoints=prefix.breakpoints(blocks),
+        blocks=scanned.blocks,
+        hashes=scanned.hashes,
+        breakpoints=scanned.breakpoints,
     )

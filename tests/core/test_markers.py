@@ -9,7 +9,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from extproc.core import codec
 from extproc.core.errors import BodyReadError, MarkerError, RejectReason
 from extproc.core.markers import (
     MAX_BREAKPOINTS,
@@ -307,7 +306,7 @@ def test_strip(
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=5),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
     max_leaves=8,
 )
@@ -358,9 +357,7 @@ def test_strip_forces_usage_on_streams(body: dict[str, Any]) -> None:
 @given(bodies)
 def test_strip_leaves_no_block_marker(body: dict[str, Any]) -> None:
     strip_markers(body)
-    encoded = codec.dumps(body)
-    stripped = codec.loads(encoded)
-    for message in stripped["messages"] if isinstance(stripped["messages"], list) else []:
+    for message in body["messages"] if isinstance(body["messages"], list) else []:
         content = message.get("content") if isinstance(message, dict) else None
         for block in content if isinstance(content, list) else []:
             assert not (isinstance(block, dict) and "cache_control" in block)

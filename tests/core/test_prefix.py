@@ -15,9 +15,8 @@ from extproc.core.prefix import (
     WALKBACK,
     Block,
     Breakpoint,
-    breakpoints,
-    build_blocks,
     prefix_hashes,
+    scan,
     walkback_candidates,
 )
 
@@ -198,8 +197,10 @@ BLOCKS = [
 
 
 @pytest.mark.parametrize(("messages", "expected"), BLOCKS)
-def test_build_blocks(messages: Any, expected: list[Block]) -> None:
-    assert list(build_blocks(messages, POLICY)) == expected
+def test_scan_blocks(messages: Any, expected: list[Block]) -> None:
+    scanned = scan(messages, POLICY)
+    assert list(scanned.blocks) == expected
+    assert scanned.hashes == prefix_hashes(messages)
 
 
 REJECTED_BLOCKS = [
@@ -231,27 +232,26 @@ REJECTED_BLOCKS = [
 
 
 @pytest.mark.parametrize(("messages", "reason", "prefix"), REJECTED_BLOCKS)
-def test_build_blocks_rejects(messages: Any, reason: RejectReason, prefix: str) -> None:
+def test_scan_rejects(messages: Any, reason: RejectReason, prefix: str) -> None:
     with pytest.raises(MarkerError) as caught:
-        build_blocks(messages, POLICY)
+        scan(messages, POLICY)
     assert caught.value.reason is reason
     assert caught.value.message.startswith(prefix)
 
 
 def test_four_breakpoints_and_nulls_accepted() -> None:
     marked = [_text(str(i), {"type": "ephemeral"}) for i in range(4)]
-    blocks = build_blocks([_user(*marked, _text("x", None), _text("y", None))], POLICY)
-    assert breakpoints(blocks) == tuple(Breakpoint(i, Tier.M5) for i in range(4))
+    scanned = scan([_user(*marked, _text("x", None), _text("y", None))], POLICY)
+    assert scanned.breakpoints == tuple(Breakpoint(i, Tier.M5) for i in range(4))
 
 
 def test_breakpoints_in_block_order() -> None:
-    blocks = [
-        Block("user", "text", "", None),
-        Block("user", "text", "", Tier.H24),
-        Block("user", "text", "", None),
-        Block("user", "text", "", Tier.M5),
+    messages = [
+        {"role": "system", "content": "s"},
+        _user(_text("a", {"type": "ephemeral", "ttl": "24h"}), _text("b")),
+        _user(_text("c", {"type": "ephemeral"})),
     ]
-    assert breakpoints(blocks) == (Breakpoint(1, Tier.H24), Breakpoint(3, Tier.M5))
+    assert scan(messages, POLICY).breakpoints == (Breakpoint(1, Tier.H24), Breakpoint(3, Tier.M5))
 
 
 def _fake_hashes(n: int) -> list[PrefixHash]:
