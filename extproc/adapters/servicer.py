@@ -1,0 +1,216 @@
+"""The grpc.aio ExternalProcessor: pumps each ``Process`` stream through a core session.
+
+One reply per message, in order. Classification starts as a task when the request body is
+accepted (before its reply, so it overlaps the upstream call) and is joined, under the
+classify deadline, only where the session asks for it. Commits run after the end-of-stream
+reply as tracked tasks under their own deadline. Foreign exceptions are mapped in ``_classify``
+and ``CommitTracker._run`` only; ``asyncio.CancelledError`` always propagates.
+
+The classify deadline must fit inside Envoy's ``message_timeout`` (200 ms by default) with
+room for the reply itself: the default 150 ms does; raise both together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+from extproc.adapters import proto
+from extproc.adapters.telemetry import Metrics, log_event
+from extproc.core import session as s
+from extproc.core.classify import ClassifyPorts, classify
+from extproc.core.errors import DependencyError, MarkerError, SessionStateError
+from extproc.core.model import Classification, PendingWrite
+from extproc.core.ports import PrefixIndex
+from extproc.core.verdict import Verdict, VetoReason
+
+log = logging.getLogger("extproc.servicer")
+_Context = grpc.aio.ServicerContext[
+    AsyncIterator[pb.ProcessingRequest], AsyncIterator[pb.ProcessingResponse]
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Deadlines:
+    """How long to wait for a classification at the join, and for one commit."""
+
+    classify_s: float = 0.150
+    commit_s: float = 2.0
+
+
+class CommitTracker:
+    """Runs commits off the response path and lets shutdown wait for the pending ones."""
+
+    def __init__(self, index: PrefixIndex, deadline_s: float, metrics: Metrics) -> None:
+        self._index = index
+        self._deadline_s = deadline_s
+        self._metrics = metrics
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._tasks)
+
+    def schedule(self, pending: PendingWrite) -> None:
+        task = asyncio.get_running_loop().create_task(self._run(pending))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self, timeout_s: float) -> int:
+        """Wait up to ``timeout_s`` for pending commits; cancel the rest and return their count."""
+        if not self._tasks:
+            return 0
+        _done, late = await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late)
+        return len(late)
+
+    async def _run(self, pending: PendingWrite) -> None:
+        result = "ok"
+        try:
+            with self._metrics.timed("commit"):
+                async with asyncio.timeout(self._deadline_s):
+                    await self._index.commit(pending)
+        except TimeoutError:
+            result = "deadline_exceeded"
+        except DependencyError as err:
+            result = "error"
+            log_event(log, logging.WARNING, "commit failed", error=type(err).__name__)
+        except asyncio.CancelledError:
+            self._metrics.commit_result("cancelled")
+            raise
+        except Exception:
+            result = "error"
+            log.exception("commit failed unexpectedly")
+        self._metrics.commit_result(result)
+
+
+@dataclass(frozen=True, slots=True)
+class Dependencies:
+    """What every stream shares."""
+
+    policy: s.SessionPolicy
+    ports: ClassifyPorts
+    deadlines: Deadlines
+    commits: CommitTracker
+    metrics: Metrics
+
+
+class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
+    """``envoy.service.ext_proc.v3.ExternalProcessor``: one pump per ``Process`` stream."""
+
+    def __init__(self, deps: Dependencies) -> None:
+        self._deps = deps
+
+    async def Process(
+        self,
+        request_iterator: AsyncIterator[pb.ProcessingRequest],
+        context: _Context,
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        pump = Pump(self._deps)
+        try:
+            async for message in request_iterator:
+                yield await pump.answer(message)
+                pump.after_reply()
+        except (SessionStateError, proto.ProtocolError) as err:
+            log_event(log, logging.ERROR, "protocol error", error=str(err))
+            await context.abort(grpc.StatusCode.INTERNAL, f"ext_proc protocol error: {err}")
+        finally:
+            pump.close()
+
+
+class Pump:
+    """Drives one session: translate, receive, join classify when asked, translate back."""
+
+    def __init__(self, deps: Dependencies) -> None:
+        self._deps = deps
+        self.session = s.Session(deps.policy)
+        self._task: asyncio.Task[Classification] | None = None
+        self._classify_failed = False
+        self._finished = False
+
+    async def answer(self, message: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        phase, event = proto.to_event(message)
+        step = self.session.receive(event)
+        if phase is proto.Phase.REQUEST_BODY and self.session.prepared is not None:
+            self._deps.metrics.request(self.session.prepared.had_markers)
+        self._start_classify()
+        if isinstance(step, s.NeedClassification):
+            step = self.session.resolve(await self._join())
+        return proto.to_response(phase, step)
+
+    def after_reply(self) -> None:
+        """Record what the reply settled; schedule the commit once the verdict is known."""
+        if self._finished:
+            return
+        session = self.session
+        if session.rejected is not None:
+            self._record_rejection(session.rejected)
+        elif session.verdict is not None:
+            self._record_verdict(session.verdict)
+            pending = session.pending_commit
+            if pending is not None:
+                self._deps.commits.schedule(pending)
+        else:
+            return
+        self._finished = True
+
+    def close(self) -> None:
+        """The stream ended: cancel an unjoined classification; no verdict means no commit."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            self._deps.metrics.classify_result("cancelled")
+        if not self._finished and self.session.has_job:
+            self._deps.metrics.veto(VetoReason.NO_END_OF_STREAM.value)
+        if self.session.prepared is not None and self.session.classification is None:
+            self._deps.metrics.outcome(Classification.inactive("not_joined"))
+
+    def _start_classify(self) -> None:
+        job = self.session.take_job()
+        if job is None:
+            return
+        self._task = asyncio.get_running_loop().create_task(self._classify(job))
+
+    async def _classify(self, job: s.ClassifyJob) -> Classification:
+        """Classify with every failure mapped to an inactive outcome (usage left untouched)."""
+        try:
+            with self._deps.metrics.timed("classify"):
+                return await classify(job.prepared, job.caller, self._deps.ports)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("classify failed")
+            self._classify_failed = True
+            return Classification.inactive("classify_error")
+
+    async def _join(self) -> Classification:
+        task = self._task
+        if task is None:
+            return Classification.inactive("no_job")
+        if not task.done():
+            await asyncio.wait({task}, timeout=self._deps.deadlines.classify_s)
+        if not task.done():
+            task.cancel()
+            self._deps.metrics.classify_result("deadline_exceeded")
+            result = Classification.inactive("deadline_exceeded")
+        else:
+            result = task.result()
+            self._deps.metrics.classify_result("error" if self._classify_failed else "ok")
+        self._deps.metrics.outcome(result)
+        return result
+
+    def _record_rejection(self, err: Exception) -> None:
+        reason = err.reason.value if isinstance(err, MarkerError) else getattr(err, "code", "")
+        self._deps.metrics.rejection(str(reason))
+
+    def _record_verdict(self, verdict: Verdict) -> None:
+        if verdict.veto is not None and self.session.has_job:
+            self._deps.metrics.veto(verdict.veto.value)

@@ -1,0 +1,537 @@
+"""The session state machine: every phase sequence Envoy can send, and the ones it cannot."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from extproc.core import codec
+from extproc.core import session as s
+from extproc.core.errors import SessionStateError
+from extproc.core.model import (
+    CacheEntry,
+    Classification,
+    Outcome,
+    PendingWrite,
+    PrefixHash,
+    PrincipalId,
+    Scope,
+    Split,
+    Tier,
+    TierPolicy,
+)
+from extproc.core.verdict import Verdict, VetoReason
+
+CHAT = "/v1/chat/completions"
+AUTH = {"authorization": "Bearer sk-test", "x-tenant": "t1", "cookie": "c"}
+SCOPE = Scope(PrincipalId("p"), "m", "v1")
+PENDING = PendingWrite(SCOPE, (CacheEntry(PrefixHash(b"\x01" * 32), 12, Tier.M5),), None)
+ACTIVE = Classification(
+    Outcome.CREATE_ONLY, Split(0, {Tier.M5: 12}), PENDING, model="m"
+)  # fmt: skip
+INACTIVE = Classification.inactive("deadline_exceeded")
+USAGE = {"prompt_tokens": 20, "completion_tokens": 2, "total_tokens": 22}
+
+
+def body(**fields: Any) -> bytes:
+    doc = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}
+    return codec.dumps(doc)
+
+
+MARKED = body(
+    messages=[
+        {
+            "role": "system",
+            "content": [{"type": "text", "text": "static", "cache_control": {"type": "ephemeral"}}],
+        },
+        {"role": "user", "content": "hi"},
+    ]
+)
+
+
+def verdict_of(session: s.Session) -> Verdict:
+    assert session.verdict is not None
+    return session.verdict
+
+
+def new_session(**policy: Any) -> s.Session:
+    return s.Session(s.SessionPolicy(**policy))
+
+
+def open_chat(raw: bytes = MARKED, headers: dict[str, str] | None = None) -> s.Session:
+    """A session that has accepted the request headers and ``raw`` as the request body."""
+    session = new_session(caller_headers=frozenset({"x-tenant"}))
+    assert (
+        session.receive(s.RequestHeaders(CHAT, "POST", AUTH if headers is None else headers))
+        is s.CONTINUE
+    )
+    session.receive(s.RequestBody(raw))
+    return session
+
+
+def sse(*events: bytes) -> bytes:
+    return b"".join(b"data: " + e + b"\n\n" for e in events)
+
+
+CHUNK = codec.dumps({"choices": [{"delta": {"content": "hi"}}]})
+USAGE_FRAME = codec.dumps({"choices": [], "usage": USAGE})
+STREAM = sse(CHUNK, CHUNK, USAGE_FRAME, b"[DONE]")
+
+
+# ---- request side ----
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "chat"),
+    [
+        pytest.param("POST", CHAT, True, id="chat"),
+        pytest.param("POST", "/openai/v1/chat/completions", True, id="prefixed"),
+        pytest.param("POST", CHAT + "?api-version=1", True, id="query-excluded"),
+        pytest.param("GET", CHAT, False, id="get"),
+        pytest.param("POST", "/v1/completions", False, id="completions"),
+        pytest.param("POST", "/v1/chat/completions/x", False, id="suffix-after"),
+        pytest.param("POST", "/v1/models?p=/chat/completions", False, id="suffix-in-query"),
+    ],
+)
+def test_cacheability_is_decided_on_request_headers(method: str, path: str, chat: bool) -> None:
+    session = new_session()
+    step = session.receive(s.RequestHeaders(path, method, AUTH))
+    assert step is (s.CONTINUE if chat else s.SKIP_REST)
+    assert session.is_chat is chat
+
+
+def test_non_chat_passes_every_later_message_untouched() -> None:
+    session = new_session()
+    assert session.receive(s.RequestHeaders("/v1/models", "GET")) is s.SKIP_REST
+    later: list[s.Event] = [
+        s.RequestBody(b"x"),
+        s.ResponseHeaders(200, "text/plain"),
+        s.ResponseBody(b"y", True),
+    ]
+    assert [session.receive(e) for e in later] == [s.CONTINUE] * 3
+    assert session.take_job() is None
+    assert session.verdict is None
+
+
+@pytest.mark.parametrize(
+    ("header", "bearer"),
+    [
+        pytest.param("Bearer sk-1", "sk-1", id="Bearer"),
+        pytest.param("bearer  sk-1 ", "sk-1", id="bearer-trimmed"),
+        pytest.param("Basic abc", None, id="basic"),
+        pytest.param("Bearer ", None, id="empty"),
+        pytest.param("BEARER sk-1", None, id="upper-scheme"),
+    ],
+)
+def test_bearer_token(header: str, bearer: str | None) -> None:
+    assert s.bearer_token(header) == bearer
+
+
+def test_job_carries_bearer_and_only_configured_headers() -> None:
+    session = open_chat()
+    job = session.take_job()
+    assert job is not None
+    assert job.caller.bearer == "sk-test"
+    assert dict(job.caller.headers) == {"x-tenant": "t1"}
+    assert session.take_job() is None  # handed out once
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        pytest.param(b"{not json", s.CONTINUE, id="invalid-json"),
+        pytest.param(b"[1, 2]", s.CONTINUE, id="not-an-object"),
+        pytest.param(body(), s.CONTINUE, id="nothing-to-strip"),
+    ],
+)
+def test_request_body_forwarded_untouched(raw: bytes, expected: s.Action) -> None:
+    session = new_session()
+    session.receive(s.RequestHeaders(CHAT, "POST", AUTH))
+    assert session.receive(s.RequestBody(raw)) is expected
+
+
+def test_invalid_json_has_no_job_and_no_watched_response() -> None:
+    session = open_chat(b"{oops")
+    assert session.take_job() is None
+    assert session.receive(s.ResponseHeaders(400, "application/json")) is s.CONTINUE
+
+
+def test_markers_are_stripped_and_body_replaced() -> None:
+    session = new_session()
+    session.receive(s.RequestHeaders(CHAT, "POST", AUTH))
+    step = session.receive(s.RequestBody(MARKED))
+    assert isinstance(step, s.ReplaceBody)
+    assert b"cache_control" not in step.body
+    assert session.prepared is not None
+    assert session.prepared.had_markers
+
+
+def test_include_usage_forced_on_streams() -> None:
+    session = new_session()
+    session.receive(s.RequestHeaders(CHAT, "POST", AUTH))
+    step = session.receive(s.RequestBody(body(stream=True)))
+    assert isinstance(step, s.ReplaceBody)
+    assert codec.loads(step.body)["stream_options"] == {"include_usage": True}
+
+
+REJECTED = [
+    pytest.param({"type": "persistent"}, "unsupported_type", id="unsupported-type"),
+    pytest.param({"type": "ephemeral", "ttl": "2h"}, "invalid_ttl", id="invalid-ttl"),
+    pytest.param("yes", "malformed_cache_control", id="malformed"),
+    pytest.param({"type": "ephemeral", "ttl": "24h"}, "tier_disabled", id="tier-disabled"),
+]
+
+
+@pytest.mark.parametrize(("marker", "reason"), REJECTED)
+def test_bad_markers_get_the_400_envelope(marker: object, reason: str) -> None:
+    session = new_session(tiers=TierPolicy(frozenset({Tier.M5, Tier.H1})))
+    session.receive(s.RequestHeaders(CHAT, "POST", AUTH))
+    block = {"type": "text", "text": "x", "cache_control": marker}
+    step = session.receive(s.RequestBody(body(messages=[{"role": "user", "content": [block]}])))
+    assert isinstance(step, s.Reject)
+    assert (step.status, step.details) == (400, "extproc_invalid_cache_control")
+    error = codec.loads(step.body)["error"]
+    assert error["code"] == "invalid_cache_control"
+    assert error["type"] == "invalid_request_error"
+    assert error["message"].startswith(reason)
+    assert session.take_job() is None
+    with pytest.raises(SessionStateError):
+        session.receive(s.ResponseHeaders(200, "application/json"))
+
+
+def test_oversized_body_is_rejected() -> None:
+    session = new_session(max_body_bytes=64)
+    session.receive(s.RequestHeaders(CHAT, "POST", AUTH))
+    step = session.receive(s.RequestBody(body(pad="x" * 100)))
+    assert isinstance(step, s.Reject)
+    assert codec.loads(step.body)["error"]["code"] == "body_read_failed"
+
+
+def test_without_bearer_there_is_nothing_to_classify() -> None:
+    session = open_chat(headers={})
+    assert session.take_job() is None
+    assert session.receive(s.ResponseHeaders(200, "application/json")) is s.CONTINUE
+
+
+# ---- JSON responses ----
+
+
+def json_response(**extra: Any) -> bytes:
+    return codec.dumps({"id": "c1", "choices": [], "usage": USAGE, **extra})
+
+
+def test_json_usage_injected_after_joining_at_end_of_body() -> None:
+    session = open_chat()
+    step = session.receive(s.ResponseHeaders(200, "application/json; charset=utf-8"))
+    assert step == s.WatchResponse(s.ResponseMode.BUFFERED)
+    assert session.receive(s.ResponseBody(json_response(), True)) is s.NEED_CLASSIFICATION
+    assert session.verdict is None
+    step = session.resolve(ACTIVE)
+    assert isinstance(step, s.ReplaceBody)
+    usage = codec.loads(step.body)["usage"]
+    assert usage["cache_creation_input_tokens"] == 12
+    assert usage["prompt_tokens"] == 20
+    assert verdict_of(session).commit
+    assert session.pending_commit == PENDING
+
+
+def test_json_inactive_leaves_body_untouched_and_commits_nothing() -> None:
+    session = open_chat()
+    session.receive(s.ResponseHeaders(200, "application/json"))
+    session.receive(s.ResponseBody(json_response(), True))
+    assert session.resolve(INACTIVE) is s.CONTINUE
+    assert session.pending_commit is None
+
+
+@pytest.mark.parametrize(
+    ("response", "veto"),
+    [
+        pytest.param(codec.dumps({"choices": []}), VetoReason.NO_USAGE, id="no-usage"),
+        pytest.param(
+            json_response(error={"message": "x"}), VetoReason.ERROR_FRAME, id="error-object"
+        ),
+        pytest.param(b"not json", VetoReason.NO_USAGE, id="not-json"),
+    ],
+)
+def test_json_vetoes(response: bytes, veto: VetoReason) -> None:
+    session = open_chat()
+    session.receive(s.ResponseHeaders(200, "application/json"))
+    session.receive(s.ResponseBody(response, True))
+    session.resolve(ACTIVE)
+    assert verdict_of(session).veto is veto
+    assert session.pending_commit is None
+
+
+@pytest.mark.parametrize(
+    ("status", "content_type"),
+    [
+        pytest.param(500, "application/json", id="server-error"),
+        pytest.param(429, "application/json", id="rate-limited"),
+        pytest.param(200, "text/plain", id="not-json"),
+        pytest.param(200, "", id="no-content-type"),
+    ],
+)
+def test_unwatched_responses(status: int, content_type: str) -> None:
+    session = open_chat()
+    assert session.receive(s.ResponseHeaders(status, content_type)) is s.CONTINUE
+    assert session.receive(s.ResponseBody(b"anything", True)) is s.CONTINUE
+    assert session.pending_commit is None
+
+
+def test_non_2xx_is_vetoed_at_once() -> None:
+    session = open_chat()
+    session.receive(s.ResponseHeaders(503, "application/json"))
+    assert verdict_of(session).veto is VetoReason.NON_2XX
+
+
+def test_bodiless_response_ends_the_session() -> None:
+    session = open_chat()
+    assert session.receive(s.ResponseHeaders(200, "application/json", True)) is s.CONTINUE
+    assert verdict_of(session).veto is VetoReason.NO_USAGE
+    with pytest.raises(SessionStateError):
+        session.receive(s.ResponseBody(b"", True))
+
+
+def test_local_reply_before_the_request_body() -> None:
+    session = new_session()
+    session.receive(s.RequestHeaders(CHAT, "POST", AUTH))
+    assert session.receive(s.ResponseHeaders(413, "text/plain")) is s.CONTINUE
+
+
+# ---- SSE responses ----
+
+
+def stream_session() -> s.Session:
+    session = open_chat(MARKED)
+    step = session.receive(s.ResponseHeaders(200, "text/event-stream"))
+    assert step == s.WatchResponse(s.ResponseMode.STREAMED)
+    return session
+
+
+def feed(session: s.Session, chunks: Sequence[bytes], classification: Classification) -> bytes:
+    """Feed ``chunks`` (the last with eos); return what would reach the client."""
+    out = b""
+    for i, chunk in enumerate(chunks):
+        step = session.receive(s.ResponseBody(chunk, i == len(chunks) - 1))
+        if step is s.NEED_CLASSIFICATION:
+            step = session.resolve(classification)
+        out += chunk if step is s.CONTINUE else _emitted(step)
+    return out
+
+
+def _emitted(step: s.Step) -> bytes:
+    assert isinstance(step, s.EmitChunk), step
+    return step.data
+
+
+def test_sse_events_before_usage_never_wait_for_classification() -> None:
+    session = stream_session()
+    first = sse(CHUNK)
+    assert session.receive(s.ResponseBody(first)) is s.CONTINUE
+    assert session.receive(s.ResponseBody(sse(CHUNK))) is s.CONTINUE
+    assert session.receive(s.ResponseBody(sse(USAGE_FRAME))) is s.NEED_CLASSIFICATION
+    edited = _emitted(session.resolve(ACTIVE))
+    usage = codec.loads(edited.removeprefix(b"data: ").strip())["usage"]
+    assert usage["cache_creation"]["ephemeral_5m_input_tokens"] == 12
+    assert session.verdict is None  # not before end of stream
+    assert session.receive(s.ResponseBody(sse(b"[DONE]"))) is s.CONTINUE
+    assert session.receive(s.ResponseBody(b"", True)) is s.CONTINUE
+    assert verdict_of(session).commit
+    assert session.pending_commit == PENDING
+
+
+def test_sse_partial_event_is_held_back_until_complete() -> None:
+    session = stream_session()
+    whole = sse(CHUNK)
+    assert _emitted(session.receive(s.ResponseBody(whole[:7]))) == b""
+    assert _emitted(session.receive(s.ResponseBody(whole[7:] + whole[:3]))) == whole
+    assert _emitted(session.receive(s.ResponseBody(whole[3:], True))) == whole
+
+
+def test_sse_inactive_stream_is_byte_identical() -> None:
+    session = stream_session()
+    assert feed(session, [STREAM[:40], STREAM[40:90], STREAM[90:], b""], INACTIVE) == STREAM
+    assert session.pending_commit is None
+
+
+def test_sse_every_split_point_gives_the_same_output() -> None:
+    expected = feed(stream_session(), [STREAM, b""], ACTIVE)
+    assert expected != STREAM
+    for cut in range(1, len(STREAM)):
+        session = stream_session()
+        assert feed(session, [STREAM[:cut], STREAM[cut:], b""], ACTIVE) == expected
+        assert session.pending_commit == PENDING
+
+
+def test_sse_without_end_of_stream_has_no_verdict() -> None:
+    session = stream_session()
+    session.receive(s.ResponseBody(sse(CHUNK, USAGE_FRAME)))
+    session.resolve(ACTIVE)
+    assert session.verdict is None
+    assert session.pending_commit is None
+
+
+@pytest.mark.parametrize(
+    ("stream", "veto"),
+    [
+        pytest.param(
+            sse(CHUNK, codec.dumps({"error": {"message": "boom"}})),
+            VetoReason.ERROR_FRAME,
+            id="error-frame",
+        ),
+        pytest.param(sse(CHUNK, b"[DONE]"), VetoReason.NO_USAGE, id="no-usage-frame"),
+    ],
+)
+def test_sse_vetoes(stream: bytes, veto: VetoReason) -> None:
+    session = stream_session()
+    assert feed(session, [stream, b""], ACTIVE) == stream
+    assert verdict_of(session).veto is veto
+
+
+def test_sse_trailers_end_the_stream() -> None:
+    session = stream_session()
+    feed_step = session.receive(s.ResponseBody(sse(USAGE_FRAME)))
+    assert feed_step is s.NEED_CLASSIFICATION
+    session.resolve(ACTIVE)
+    assert session.receive(s.ResponseTrailers()) is s.CONTINUE
+    assert verdict_of(session).commit
+
+
+def test_sse_oversized_event_passes_through_and_vetoes() -> None:
+    session = stream_session()
+    big = b"data: " + b"x" * (70 * 1024)
+    assert feed(session, [big, b"\n\n", b""], ACTIVE) == big + b"\n\n"
+    assert verdict_of(session).veto is VetoReason.OVERSIZED_EVENT
+
+
+# ---- illegal sequences ----
+
+
+def _request_body_first() -> s.Session:
+    session = new_session()
+    session.receive(s.RequestBody(b"{}"))
+    return session
+
+
+def _headers_twice() -> s.Session:
+    session = open_chat()
+    session.receive(s.RequestHeaders(CHAT, "POST", AUTH))
+    return session
+
+
+def _response_body_before_headers() -> s.Session:
+    session = open_chat()
+    session.receive(s.ResponseBody(b"{}", True))
+    return session
+
+
+def _receive_while_awaiting() -> s.Session:
+    session = open_chat()
+    session.receive(s.ResponseHeaders(200, "application/json"))
+    session.receive(s.ResponseBody(json_response(), True))
+    session.receive(s.ResponseBody(b"", True))
+    return session
+
+
+def _resolve_unasked() -> s.Session:
+    session = open_chat()
+    session.resolve(ACTIVE)
+    return session
+
+
+def _after_json_end() -> s.Session:
+    session = open_chat()
+    session.receive(s.ResponseHeaders(200, "application/json"))
+    session.receive(s.ResponseBody(json_response(), True))
+    session.resolve(ACTIVE)
+    session.receive(s.ResponseBody(b"more", True))
+    return session
+
+
+def _trailers_on_json() -> s.Session:
+    session = open_chat()
+    session.receive(s.ResponseHeaders(200, "application/json"))
+    session.receive(s.ResponseTrailers())
+    return session
+
+
+@pytest.mark.parametrize(
+    "sequence",
+    [
+        pytest.param(_request_body_first, id="body-before-headers"),
+        pytest.param(_headers_twice, id="request-headers-twice"),
+        pytest.param(_response_body_before_headers, id="response-body-before-headers"),
+        pytest.param(_receive_while_awaiting, id="receive-while-awaiting"),
+        pytest.param(_resolve_unasked, id="resolve-unasked"),
+        pytest.param(_after_json_end, id="after-end"),
+        pytest.param(_trailers_on_json, id="trailers-on-buffered-json"),
+    ],
+)
+def test_illegal_sequences_raise(sequence: Any) -> None:
+    with pytest.raises(SessionStateError):
+        sequence()
+
+
+# ---- property: every legal Envoy sequence is accepted ----
+
+REQUEST_BODIES = st.sampled_from(
+    [MARKED, body(), body(stream=True), b"{bad", codec.dumps([1])]
+)  # fmt: skip
+STATUSES = st.sampled_from([200, 201, 400, 413, 500])
+CONTENT_TYPES = st.sampled_from(["application/json", "text/event-stream", "text/plain", ""])
+
+
+def _split(data: st.DataObject, raw: bytes) -> list[bytes]:
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(raw) - 1)), max_size=6)))
+    edges = [0, *cuts, len(raw)]
+    return [raw[a:b] for a, b in itertools.pairwise(edges) if a < b]
+
+
+def _answer(session: s.Session, event: s.Event, classification: Classification) -> s.Action:
+    step = session.receive(event)
+    if step is s.NEED_CLASSIFICATION:
+        return session.resolve(classification)
+    assert isinstance(step, s.Action)
+    return step
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_every_legal_sequence_is_accepted(data: st.DataObject) -> None:
+    session = new_session()
+    classification = data.draw(st.sampled_from([ACTIVE, INACTIVE]))
+    chat = data.draw(st.booleans())
+    step = _answer(session, s.RequestHeaders(CHAT if chat else "/v1/models", "POST", AUTH), ACTIVE)
+    if step is s.SKIP_REST:
+        return
+    step = _answer(session, s.RequestBody(data.draw(REQUEST_BODIES)), classification)
+    if isinstance(step, s.Reject):
+        return
+    headers = s.ResponseHeaders(
+        data.draw(STATUSES), data.draw(CONTENT_TYPES), data.draw(st.booleans())
+    )
+    step = _answer(session, headers, classification)
+    if not isinstance(step, s.WatchResponse):
+        assert session.pending_commit is None
+        return
+    raw = STREAM if step.mode is s.ResponseMode.STREAMED else json_response()
+    chunks = _split(data, raw) if step.mode is s.ResponseMode.STREAMED else [raw]
+    complete = data.draw(st.booleans())
+    out = b""
+    for i, chunk in enumerate(chunks):
+        eos = complete and i == len(chunks) - 1
+        reply = _answer(session, s.ResponseBody(chunk, eos), classification)
+        out += chunk if reply is s.CONTINUE else getattr(reply, "data", getattr(reply, "body", b""))
+    if not complete:
+        assert session.verdict is None
+        assert session.pending_commit is None
+        return
+    assert session.verdict is not None
+    assert (session.pending_commit is not None) == (classification is ACTIVE)
+    if classification is INACTIVE:
+        assert out == raw
