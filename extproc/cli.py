@@ -16,6 +16,8 @@ COMMAND_MODULES = (
     "extproc.commands.health",
     "extproc.commands.demo_upstream",
     "extproc.commands.dev",
+    "extproc.commands.migrate",
+    "extproc.commands.admin",
 )
 
 
