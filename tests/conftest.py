@@ -2,4 +2,6 @@
 
 pytest_plugins = [
     "tests.plugins.postgres",
+    "tests.plugins.stack",
+    "tests.plugins.tokenizer",
 ]

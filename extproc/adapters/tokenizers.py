@@ -1,0 +1,224 @@
+"""The Tokenizer port over Hugging Face ``tokenizers``: local tokenizer.json files, per alias.
+
+A file is loaded once, lazily (or all at once by ``validate`` at start), and its version is a
+digest of its bytes, so replacing the file re-keys the cache after a restart. Encoding runs in
+a small thread pool (``tokenizers`` releases the GIL), never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer as HfTokenizer
+
+from extproc.adapters.tokenizers_remote import RemoteTimeouts, RemoteTokenizer
+from extproc.core import codec
+from extproc.core.errors import DependencyError, UnmappedModel
+from extproc.core.model import TokenCounts
+
+
+class TokenizerFileError(DependencyError):
+    """A tokenizer file is missing or unreadable."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedTokenizer:
+    """A tokenizer loaded from a file, with the version that file's bytes give it."""
+
+    version: str
+    encoder: HfTokenizer
+
+
+def file_version(data: bytes) -> str:
+    """The tokenizer version of a file's bytes: a short SHA-256 digest."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()[:16]
+
+
+def load_tokenizer_file(path: Path) -> LoadedTokenizer:
+    """Load one tokenizer.json; padding and truncation are switched off so counts are exact."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise TokenizerFileError(f"tokenizer file {path}: {exc.strerror or exc}") from exc
+    try:
+        encoder = HfTokenizer.from_str(data.decode("utf-8"))
+    except Exception as exc:  # tokenizers raises a bare Exception for a file it cannot parse
+        raise TokenizerFileError(f"tokenizer file {path}: not a tokenizer.json") from exc
+    encoder.no_padding()
+    encoder.no_truncation()
+    return LoadedTokenizer(file_version(data), encoder)
+
+
+def count_tokens(encoder: HfTokenizer, segments: list[str]) -> tuple[int, ...]:
+    """Tokens in each segment, without special tokens (so counts add up across segments)."""
+    try:
+        encodings = encoder.encode_batch(segments, add_special_tokens=False)
+    except Exception as exc:  # e.g. a lone surrogate cannot cross into the Rust side
+        raise DependencyError(f"tokenizer cannot encode the segments: {exc}") from exc
+    return tuple(len(e.ids) for e in encodings)
+
+
+class EmbeddedTokenizer:
+    """Counts with tokenizer files on local disk, one per model alias."""
+
+    def __init__(
+        self,
+        files: Mapping[str, str | Path],
+        workers: int = 2,
+        load: Callable[[Path], LoadedTokenizer] = load_tokenizer_file,
+    ) -> None:
+        self._files = {alias: Path(path) for alias, path in files.items()}
+        self._load = load
+        self._loaded: dict[Path, LoadedTokenizer] = {}
+        self._loading: dict[Path, asyncio.Future[LoadedTokenizer]] = {}
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers, "extproc-tokenize")
+
+    def maps(self, alias: str) -> bool:
+        return alias in self._files
+
+    def validate(self) -> None:
+        """Load every mapped file now; raises one ``TokenizerFileError`` naming every bad file."""
+        problems = []
+        for path in sorted(set(self._files.values())):
+            try:
+                self._loaded[path] = self._loaded.get(path) or self._load(path)
+            except TokenizerFileError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise TokenizerFileError("; ".join(problems))
+
+    async def version(self, alias: str) -> str | None:
+        if alias not in self._files:
+            return None
+        return (await self._get(self._files[alias])).version
+
+    async def count(self, alias: str, segments: Sequence[str]) -> TokenCounts:
+        if alias not in self._files:
+            raise UnmappedModel(f"no tokenizer is mapped for model {alias!r}")
+        loaded = await self._get(self._files[alias])
+        counts: tuple[int, ...] = ()
+        if segments:
+            loop = asyncio.get_running_loop()
+            work = loop.run_in_executor(self._pool, count_tokens, loaded.encoder, list(segments))
+            counts = await work
+        return TokenCounts(loaded.version, counts)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def aclose(self) -> None:
+        self.close()
+
+    async def _get(self, path: Path) -> LoadedTokenizer:
+        """The loaded file; concurrent first callers share one load, a failed load is retried."""
+        loaded = self._loaded.get(path)
+        if loaded is not None:
+            return loaded
+        pending = self._loading.get(path)
+        if pending is None:
+            pending = asyncio.get_running_loop().run_in_executor(self._pool, self._load, path)
+            pending.add_done_callback(functools.partial(self._forget, path))
+            self._loading[path] = pending
+        loaded = await asyncio.shield(pending)
+        self._loaded[path] = loaded
+        return loaded
+
+    def _forget(self, path: Path, done: asyncio.Future[LoadedTokenizer]) -> None:
+        if self._loading.get(path) is done:
+            del self._loading[path]
+        if not done.cancelled():
+            done.exception()  # retrieved here: a caller may have been cancelled meanwhile
+
+
+class CompositeTokenizer:
+    """Embedded files for the aliases they map; the tokenizer service, if any, for the rest."""
+
+    def __init__(self, embedded: EmbeddedTokenizer, remote: RemoteTokenizer | None) -> None:
+        self.embedded = embedded
+        self.remote = remote
+
+    def validate(self) -> None:
+        self.embedded.validate()
+
+    async def version(self, alias: str) -> str | None:
+        if self.embedded.maps(alias) or self.remote is None:
+            return await self.embedded.version(alias)
+        return await self.remote.version(alias)
+
+    async def count(self, alias: str, segments: Sequence[str]) -> TokenCounts:
+        if self.embedded.maps(alias) or self.remote is None:
+            return await self.embedded.count(alias, segments)
+        return await self.remote.count(alias, segments)
+
+    async def aclose(self) -> None:
+        await self.embedded.aclose()
+        if self.remote is not None:
+            await self.remote.aclose()
+
+
+def build_tokenizer(
+    url: str | None,
+    files: Mapping[str, str | Path],
+    timeouts: RemoteTimeouts | None = None,
+) -> CompositeTokenizer:
+    """The tokenizer the server uses: ``files`` embedded, the service at ``url`` for the rest."""
+    remote = RemoteTokenizer(url, timeouts or RemoteTimeouts()) if url else None
+    return CompositeTokenizer(EmbeddedTokenizer(files), remote)
+
+
+def parse_tokenizer_map(text: str) -> dict[str, str]:
+    """``alias=path`` pairs separated by commas, or a JSON object; every problem reported at once.
+
+    Raises ``ValueError`` listing each bad entry (empty alias or path, missing ``=``, duplicates).
+    """
+    text = text.strip()
+    if not text:
+        return {}
+    pairs = _json_pairs(text) if text[0] in "{[" else _comma_pairs(text)
+    mapping: dict[str, str] = {}
+    problems = []
+    for number, (alias, path) in enumerate(pairs, start=1):
+        problem = _pair_problem(alias, path, mapping)
+        if problem:
+            problems.append(f"entry {number} ({alias or '?'}={path or '?'}): {problem}")
+        else:
+            mapping[alias] = path
+    if problems:
+        raise ValueError("bad tokenizer map: " + "; ".join(problems))
+    return mapping
+
+
+def _pair_problem(alias: str, path: str, seen: Mapping[str, str]) -> str:
+    if not alias and not path:
+        return "empty entry, expected alias=path"
+    if not alias:
+        return "empty model alias"
+    if not path:
+        return "empty tokenizer path"
+    if alias in seen:
+        return "model alias mapped twice"
+    return ""
+
+
+def _comma_pairs(text: str) -> list[tuple[str, str]]:
+    pairs = []
+    for entry in text.split(","):
+        alias, sep, path = entry.partition("=")
+        pairs.append((alias.strip(), path.strip() if sep else ""))
+    return pairs
+
+
+def _json_pairs(text: str) -> list[tuple[str, str]]:
+    try:
+        value = codec.loads(text)
+    except codec.JSONDecodeError as exc:
+        raise ValueError(f"bad tokenizer map: not valid JSON ({exc})") from exc
+    if not isinstance(value, dict):
+        raise ValueError("bad tokenizer map: expected a JSON object of alias to path")
+    return [(k.strip(), v.strip() if isinstance(v, str) else "") for k, v in value.items()]

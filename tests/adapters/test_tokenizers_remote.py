@@ -1,0 +1,174 @@
+"""The tokenizer service client against the fake service: memo, mapping of every failure."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+
+import pytest
+
+from extproc.adapters.tokenizers_remote import RemoteTimeouts, RemoteTokenizer
+from extproc.core.errors import DependencyError, UnmappedModel
+from extproc.core.model import TokenCounts
+from tests.fakes.tokenizer_service import Faults
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def client(tokenizer_service, clock) -> AsyncIterator[RemoteTokenizer]:
+    timeouts = RemoteTimeouts(connect=0.5, total=0.5, models_ttl=60.0)
+    remote = RemoteTokenizer(tokenizer_service.url + "/", timeouts, clock=clock)
+    yield remote
+    await remote.aclose()
+
+
+async def test_version_from_the_model_list(client, tokenizer_service, tokenizer_alias):
+    assert await client.version(tokenizer_alias) == tokenizer_service.version(tokenizer_alias)
+    assert await client.version("unknown") is None
+
+
+async def test_model_list_is_memoised_for_its_ttl(
+    client, tokenizer_service, tokenizer_alias, clock
+):
+    for _ in range(3):
+        await client.version(tokenizer_alias)
+    clock.now += 59.9
+    await client.version(tokenizer_alias)
+    assert tokenizer_service.requests["/v1/models"] == 1
+    clock.now += 0.1
+    await client.version(tokenizer_alias)
+    assert tokenizer_service.requests["/v1/models"] == 2
+
+
+async def test_outage_is_not_memoised(client, tokenizer_service, tokenizer_alias):
+    tokenizer_service.faults = Faults(status=503)
+    with pytest.raises(DependencyError, match="status 503"):
+        await client.version(tokenizer_alias)
+    tokenizer_service.faults = Faults()
+    assert await client.version(tokenizer_alias) == tokenizer_service.version(tokenizer_alias)
+    assert tokenizer_service.requests["/v1/models"] == 2
+
+
+async def test_count_returns_real_counts(
+    client, tokenizer_service, tokenizer_alias, embedded_tokenizer
+):
+    segments = ["You are terse.", "", "Grüße 東京 🚀", "def f():\n    pass\n"]
+    counts = await client.count(tokenizer_alias, segments)
+    assert counts == await embedded_tokenizer.count(tokenizer_alias, segments)
+    assert counts.tokenizer_version == tokenizer_service.version(tokenizer_alias)
+
+
+async def test_unmapped_model_is_422(client):
+    with pytest.raises(UnmappedModel):
+        await client.count("unknown", ["x"])
+
+
+FAULTS = [
+    pytest.param(Faults(delay=5.0), "timed out", id="slower-than-timeout"),
+    pytest.param(Faults(status=500), "status 500", id="status-500"),
+    pytest.param(Faults(status=404), "status 404", id="status-404"),
+    pytest.param(Faults(malformed=True), "malformed JSON", id="malformed-json"),
+    pytest.param(Faults(reset=True), "tokenize", id="connection-reset"),
+    pytest.param(Faults(wrong_counts=True), "counts for 2 segments", id="count-mismatch"),
+]
+
+
+@pytest.mark.parametrize(("faults", "message"), FAULTS)
+async def test_count_failures_are_dependency_errors(
+    client, tokenizer_service, tokenizer_alias, faults, message
+):
+    tokenizer_service.faults = faults
+    with pytest.raises(DependencyError, match=message) as caught:
+        await client.count(tokenizer_alias, ["a", "b"])
+    assert not isinstance(caught.value, UnmappedModel)
+    tokenizer_service.faults = Faults()
+    assert (await client.count(tokenizer_alias, ["a", "b"])).segment_counts == (1, 1)
+
+
+@pytest.mark.parametrize(("faults", "message"), FAULTS[:5])
+async def test_model_list_failures_are_dependency_errors(
+    client, tokenizer_service, tokenizer_alias, faults, message
+):
+    tokenizer_service.faults = faults
+    with pytest.raises(DependencyError, match=message.replace("tokenize", "models")):
+        await client.version(tokenizer_alias)
+
+
+async def test_nothing_listening_is_a_dependency_error():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    remote = RemoteTokenizer(f"http://127.0.0.1:{port}", RemoteTimeouts(connect=0.5, total=0.5))
+    with pytest.raises(DependencyError, match="ConnectError"):
+        await remote.count("m", ["x"])
+    with pytest.raises(DependencyError, match="ConnectError"):
+        await remote.version("m")
+    await remote.aclose()
+
+
+BAD_ANSWERS = [
+    pytest.param([], "not an object", id="not-object"),
+    pytest.param({"segment_counts": [1]}, "no tokenizer_version", id="no-version"),
+    pytest.param({"tokenizer_version": "v", "segment_counts": [-1]}, "non-negative", id="negative"),
+    pytest.param({"tokenizer_version": "v", "segment_counts": [1.5]}, "non-negative", id="float"),
+    pytest.param({"tokenizer_version": "v", "segment_counts": [True]}, "non-negative", id="bool"),
+    pytest.param({"tokenizer_version": "v", "segment_counts": "1"}, "non-negative", id="not-list"),
+    pytest.param({"tokenizer_version": "v", "segment_counts": [1, 2]}, "2 counts", id="too-many"),
+    pytest.param(
+        {"tokenizer_version": "v", "segment_counts": [1], "virtual_model": "other"},
+        "another model",
+        id="other-model",
+    ),
+    pytest.param(
+        {"tokenizer_version": "v", "segment_counts": [1], "cumulative": [2]},
+        "cumulative",
+        id="cumulative-mismatch",
+    ),
+    pytest.param(
+        {"tokenizer_version": "v", "segment_counts": [1], "total": 3}, "total", id="total-mismatch"
+    ),
+]
+
+
+@pytest.mark.parametrize(("answer", "message"), BAD_ANSWERS)
+def test_bad_tokenize_answers_are_rejected(answer, message):
+    from extproc.adapters.tokenizers_remote import _parse_counts
+
+    with pytest.raises(DependencyError, match=message):
+        _parse_counts(answer, "m", 1)
+
+
+def test_minimal_tokenize_answer_is_accepted():
+    from extproc.adapters.tokenizers_remote import _parse_counts
+
+    answer = {"tokenizer_version": "v", "segment_counts": [0]}
+    assert _parse_counts(answer, "m", 1) == TokenCounts("v", (0,))
+
+
+BAD_MODEL_LISTS = [
+    pytest.param({}, id="no-models"),
+    pytest.param({"models": {}}, id="models-not-list"),
+    pytest.param({"models": [{"alias": "m"}]}, id="no-version"),
+    pytest.param({"models": [{"alias": "", "tokenizer_version": "v"}]}, id="empty-alias"),
+    pytest.param({"models": ["m"]}, id="entry-not-object"),
+]
+
+
+@pytest.mark.parametrize("answer", BAD_MODEL_LISTS)
+def test_bad_model_lists_are_rejected(answer):
+    from extproc.adapters.tokenizers_remote import _parse_models
+
+    with pytest.raises(DependencyError, match="/v1/models"):
+        _parse_models(answer)
