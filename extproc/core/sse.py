@@ -13,7 +13,8 @@ Rules:
 * an event is JSON-parsed only when its bytes contain ``"error"`` or ``[DONE]``, or, until the
   usage frame was seen, ``"usage"`` other than as ``"usage":null``;
 * the usage frame is the first event whose data is a JSON object with a ``usage`` object and
-  no error; an error frame is one whose data object has an ``error`` object;
+  no error; an error frame is one whose data object has an ``error`` object (or is the older
+  ``"object": "error"`` envelope);
 * an event longer than ``MAX_EVENT_BYTES`` raises ``EventTooLarge``; from then on the stream
   passes every chunk through as one plain event, unframed and unclassified.
 """
@@ -76,8 +77,8 @@ class EventTooLarge(UpstreamFormatError):
     nothing more and does not commit (the verdict's ``OVERSIZED_EVENT``).
     """
 
-    def __init__(self, size: int, pending: bytes) -> None:
-        super().__init__(f"SSE event of at least {size} bytes exceeds {MAX_EVENT_BYTES}")
+    def __init__(self, size: int, limit: int, pending: bytes) -> None:
+        super().__init__(f"SSE event of at least {size} bytes exceeds the {limit}-byte limit")
         self.size = size
         self.pending = pending
 
@@ -104,17 +105,20 @@ class SseStream:
     def feed(self, chunk: bytes) -> list[SseEvent]:
         """Complete events so far; an empty list means more data is needed."""
         if self._oversized:
-            return [SseEvent(bytes(chunk))] if chunk else []
-        self._buf += chunk
-        ends = self._frame()
-        if ends and ends[-1] == len(self._buf) and self._buf[-1] == _CR:
+            return [SseEvent(chunk)] if chunk else []
+        data = self._pending(chunk)
+        ends = _frame(data, self._scan)
+        if ends and ends[-1] == len(data) and data[-1] == _CR:
             ends.pop()  # its blank line may yet become "\r\n"
-        self._check_size(ends)
-        return self._take(ends)
+        self._check_size(data, ends)
+        return self._take(data, ends)
 
     def flush(self) -> list[SseEvent]:
-        """At end of stream: the held events, then any unterminated rest as a plain event."""
-        events = self._take(self._frame())
+        """At end of stream: the held events, then any unterminated rest as a plain event.
+
+        The rest is not classified: SSE clients drop an event that never saw its blank line.
+        """
+        events = self._take(self._buf, _frame(self._buf, self._scan))
         if self._buf:
             events.append(SseEvent(bytes(self._buf)))
             self._buf.clear()
@@ -136,37 +140,41 @@ class SseStream:
         doc["usage"] = spliced.usage
         return _replace_data(event.raw, codec.dumps(doc))
 
-    def _frame(self) -> list[int]:
-        """End offsets of the complete events in the buffer, in order."""
-        buf, ends, start = self._buf, [], 0
-        while start < len(buf):
-            end = _event_end(buf, start, max(start, self._scan))
-            if end is None:
-                break
-            ends.append(end)
-            start = end
-        return ends
+    def _pending(self, chunk: bytes) -> bytes | bytearray:
+        """The bytes to frame: the chunk itself when nothing is held (no copy), else the buffer."""
+        if not self._buf:
+            return chunk
+        self._buf += chunk
+        return self._buf
 
-    def _check_size(self, ends: list[int]) -> None:
+    def _check_size(self, data: bytes | bytearray, ends: list[int]) -> None:
+        if len(data) <= self._max:
+            return  # no event in it can be larger
         starts = [0, *ends]
-        sizes = [end - begin for begin, end in zip(starts, ends, strict=False)]
-        size = max([*sizes, len(self._buf) - starts[-1]])
+        size = max(b - a for a, b in zip(starts, [*ends, len(data)], strict=True))
         if size > self._max:
-            pending = bytes(self._buf)
+            pending = bytes(data)
             self._buf.clear()
             self._oversized = True
-            raise EventTooLarge(size, pending)
+            raise EventTooLarge(size, self._max, pending)
 
-    def _take(self, ends: list[int]) -> list[SseEvent]:
-        """Cut the framed events off the buffer and classify them."""
-        buf, events, start = self._buf, [], 0
+    def _take(self, data: bytes | bytearray, ends: list[int]) -> list[SseEvent]:
+        """Cut the framed events off ``data``, classify them and hold the rest."""
+        events, start = [], 0
         for end in ends:
-            raw = bytes(buf[start:end])
+            raw = _cut(data, start, end)
             events.append(SseEvent(raw, self._classify(raw)))
             start = end
-        del buf[:start]
-        self._scan = max(0, len(buf) - _LOOKBACK)
+        self._hold(data, start)
         return events
+
+    def _hold(self, data: bytes | bytearray, start: int) -> None:
+        """Keep ``data[start:]``, the event still incomplete, for the next chunk."""
+        if data is self._buf:
+            del self._buf[:start]
+        else:
+            self._buf += memoryview(data)[start:]
+        self._scan = max(0, len(self._buf) - _LOOKBACK)
 
     def _classify(self, raw: bytes) -> Kind:
         if not self._may_matter(raw):
@@ -192,7 +200,27 @@ class SseStream:
         return not self._usage_seen and _has_usage_key(raw)
 
 
-def _event_end(buf: bytearray, start: int, scan: int) -> int | None:
+def _cut(data: bytes | bytearray, start: int, end: int) -> bytes:
+    """``data[start:end]`` as ``bytes`` with one copy at most (none for a whole ``bytes``)."""
+    if isinstance(data, bytes):
+        return data[start:end]
+    with memoryview(data) as view:
+        return bytes(view[start:end])
+
+
+def _frame(data: bytes | bytearray, scan: int) -> list[int]:
+    """End offsets of the complete events in ``data``; the first blank-line search from ``scan``."""
+    ends, start = [], 0
+    while start < len(data):
+        end = _event_end(data, start, max(start, scan))
+        if end is None:
+            break
+        ends.append(end)
+        start = end
+    return ends
+
+
+def _event_end(buf: bytes | bytearray, start: int, scan: int) -> int | None:
     """Where the event at ``start`` ends, searching its blank line from ``scan``."""
     if buf[start] in b"\r\n":  # a blank line right at the start is an event of its own
         line = _EOL.match(buf, start)

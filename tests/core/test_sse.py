@@ -128,6 +128,12 @@ def test_feed_holds_back_until_the_blank_line_completes() -> None:
     assert stream.flush() == []
 
 
+def test_an_event_arriving_whole_is_passed_on_without_a_copy() -> None:
+    chunk = b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n'
+    [event] = SseStream().feed(chunk)
+    assert event.raw is chunk
+
+
 CLASSIFY = [
     pytest.param(b'data: {"usage":{"prompt_tokens":1}}\n\n', K.USAGE, id="usage"),
     pytest.param(b'data:{"choices":[],"usage":{}}\n\n', K.USAGE, id="usage-nospace"),
