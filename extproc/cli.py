@@ -18,6 +18,8 @@ COMMAND_MODULES = (
     "extproc.commands.dev",
     "extproc.commands.migrate",
     "extproc.commands.admin",
+    "extproc.commands.serve",
+    "extproc.commands.tokenizer",
 )
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from extproc.adapters.tokenizers import parse_tokenizer_map
 from extproc.core.errors import ExtprocError
 from extproc.core.model import Tier, TierPolicy
 
@@ -118,6 +119,7 @@ class Settings:
         if problems:
             raise ConfigError(problems)
         tiers = _tier_policy(parsed["ENABLED_TTLS"], parsed["DEFAULT_TTL"], problems)
+        _check_workers(parsed["WORKERS"], parsed["LISTEN"], problems)
         if problems or tiers is None:
             raise ConfigError(problems)
         return cls(
@@ -257,6 +259,14 @@ def _tier_policy(enabled: frozenset[Tier], default: Tier, problems: list[str]) -
     return TierPolicy(enabled=enabled, default=default)
 
 
+def _check_workers(workers: int, listen: str, problems: list[str]) -> None:
+    """Several workers share one TCP port (SO_REUSEPORT): a fixed port, no Unix socket."""
+    if workers > 1 and (listen.startswith("unix:") or listen.endswith(":0")):
+        problems.append(
+            f"{PREFIX}WORKERS={workers}: several workers need a fixed TCP port in {PREFIX}LISTEN"
+        )
+
+
 _HEADER_NAME = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
 
 
@@ -276,16 +286,8 @@ def _principal_source(text: str) -> PrincipalSource:
 
 
 def _tokenizer_files(text: str) -> tuple[tuple[str, str], ...]:
-    """``alias=path`` items separated by commas, semicolons or newlines."""
-    pairs: list[tuple[str, str]] = []
-    for item in filter(None, (part.strip() for part in re.split(r"[,;\n]", text))):
-        alias, sep, path = (s.strip() for s in item.partition("="))
-        if not sep or not alias or not path:
-            raise ValueError(f"item {item!r} is not alias=path")
-        if alias in dict(pairs):
-            raise ValueError(f"alias {alias!r} is mapped twice")
-        pairs.append((alias, path))
-    return tuple(pairs)
+    """``alias=path`` pairs separated by commas, or a JSON object of alias to path."""
+    return tuple(parse_tokenizer_map(text).items())
 
 
 def _bounded_int(low: int, high: int) -> Callable[[str], int]:

@@ -107,7 +107,11 @@ class Dependencies:
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     """``envoy.service.ext_proc.v3.ExternalProcessor``: one pump per ``Process`` stream."""
 
-    def __init__(self, deps: Dependencies) -> None:
+    def __init__(self, deps: Dependencies | None = None) -> None:
+        self._deps = deps
+
+    def ready(self, deps: Dependencies) -> None:
+        """Start answering streams (until then each is refused with ``UNAVAILABLE``)."""
         self._deps = deps
 
     async def Process(
@@ -115,6 +119,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         request_iterator: AsyncIterator[pb.ProcessingRequest],
         context: _Context,
     ) -> AsyncIterator[pb.ProcessingResponse]:
+        if self._deps is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "extproc is starting")
         pump = Pump(self._deps)
         try:
             async for message in request_iterator:
@@ -130,7 +136,11 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
 class Pump:
     """Drives one session: translate, receive, join classify when asked, translate back."""
 
-    def __init__(self, deps: Dependencies) -> None:
+    def __init__(self, deps: Dependencies | None = None) -> None:
+        self._deps = deps
+
+    def ready(self, deps: Dependencies) -> None:
+        """Start answering streams (until then each is refused with ``UNAVAILABLE``)."""
         self._deps = deps
         self.session = s.Session(deps.policy)
         self._task: asyncio.Task[Classification] | None = None

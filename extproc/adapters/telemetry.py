@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from opentelemetry.metrics import Meter
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
@@ -56,9 +56,7 @@ class Metrics:
         self._vetoes = meter.create_counter(
             "extproc.commit_vetoes", description="Responses that did not commit, by reason"
         )
-        self._resolver_cache = meter.create_counter(
-            "extproc.resolver_cache", description="Principal/model resolver cache lookups"
-        )
+        self._meter = meter
         self._tokens = meter.create_counter(
             "extproc.tokens", description="Prompt tokens accounted as cache read or creation"
         )
@@ -96,8 +94,18 @@ class Metrics:
     def veto(self, reason: str) -> None:
         self._vetoes.add(1, {"reason": reason})
 
-    def resolver_cache(self, resolver: str, hit: bool) -> None:
-        self._resolver_cache.add(1, {"resolver": resolver, "result": "hit" if hit else "miss"})
+    def observe_caches(self, caches: Mapping[str, Callable[[], tuple[int, int]]]) -> None:
+        """Export resolver memo hits and misses, read from ``caches[name]() -> (hits, misses)``."""
+
+        def observe(_options: CallbackOptions) -> Iterable[Observation]:
+            for name, read in caches.items():
+                hits, misses = read()
+                yield Observation(hits, {"resolver": name, "result": "hit"})
+                yield Observation(misses, {"resolver": name, "result": "miss"})
+
+        self._meter.create_observable_counter(
+            "extproc.resolver_cache", [observe], description="Resolver memo lookups"
+        )
 
     @contextmanager
     def timed(self, name: str) -> Iterator[None]:

@@ -55,6 +55,8 @@ VALID = [
                  "http://127.0.0.1:8100", id="tokenizer-url"),
     pytest.param("TOKENIZERS", "qwen=/t/q.json, mistral = /t/m.json", "tokenizers",
                  (("qwen", "/t/q.json"), ("mistral", "/t/m.json")), id="tokenizer-files"),
+    pytest.param("TOKENIZERS", '{"qwen": "/t/q.json"}', "tokenizers",
+                 (("qwen", "/t/q.json"),), id="tokenizer-files-json"),
     pytest.param("CLASSIFY_DEADLINE_MS", "1500", "classify_deadline_ms", 1500, id="classify-ms"),
     pytest.param("COMMIT_DEADLINE_MS", "5_000", "commit_deadline_ms", 5000, id="commit-ms"),
     pytest.param("MAX_BODY_BYTES", "16MiB", "max_body_bytes", 16 << 20, id="body-mib"),
@@ -139,6 +141,14 @@ def test_every_problem_reported_at_once() -> None:
         "EXTPROC_LOG_LEVEL",
         "EXTPROC_WORKERS",
     ]
+
+
+@pytest.mark.parametrize(
+    "listen", [pytest.param("unix:/run/x.sock", id="unix"), pytest.param("h:0", id="port-0")]
+)
+def test_workers_need_a_fixed_tcp_port(listen: str) -> None:
+    with pytest.raises(ConfigError, match="EXTPROC_WORKERS=2: several workers"):
+        settings(EXTPROC_WORKERS="2", EXTPROC_LISTEN=listen)
 
 
 def test_empty_variable_means_default() -> None:

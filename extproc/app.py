@@ -1,0 +1,257 @@
+"""Composition root: build the ports, run the gRPC server, shut down in order.
+
+Start: metrics, the gRPC server (health ``NOT_SERVING``), the database pool (retried until it
+opens), ports, sweeper, then health ``SERVING`` and one ``serving`` log line. Stop (SIGTERM or
+SIGINT): health ``NOT_SERVING``, stop accepting and finish in-flight streams within the grace,
+wait for pending commits in what is left of it, then close the sweeper, tokenizer and pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from extproc.adapters import postgres, servicer
+from extproc.adapters.pg_resolvers import PgModelConfigResolver, build_principal_resolver
+from extproc.adapters.telemetry import (
+    Metrics,
+    TimedIndex,
+    TimedTokenizer,
+    configure_logging,
+    log_event,
+    start_metrics,
+)
+from extproc.adapters.tokenizers import build_tokenizer
+from extproc.config import HostPort, PrincipalKind, Settings
+from extproc.core.classify import ClassifyPorts
+from extproc.core.errors import DependencyError
+from extproc.core.session import SessionPolicy
+
+log = logging.getLogger("extproc.app")
+
+SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+HEALTH_SERVICES = ("", SERVICE_NAME)
+POOL_RETRY_S = 1.0
+_Serving = health_pb2.HealthCheckResponse.SERVING
+_NotServing = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass
+class Resources:
+    """What ``start`` opened and ``stop`` closes, in reverse order."""
+
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    async def close(self) -> None:
+        while self.closers:
+            closer = self.closers.pop()
+            try:
+                await closer()
+            except Exception:
+                log.exception("error while closing")
+
+
+class App:
+    """One server process."""
+
+    def __init__(self, settings: Settings, *, reuse_port: bool = False) -> None:
+        self.settings = settings
+        self.port = 0
+        self._reuse_port = reuse_port
+        self._health = health.aio.HealthServicer()
+        self._processor = servicer.ExternalProcessor(None)
+        self._server = grpc.aio.server(options=self._grpc_options())
+        self._resources = Resources()
+        self._commits: servicer.CommitTracker | None = None
+
+    def _grpc_options(self) -> list[tuple[str, Any]]:
+        limit = self.settings.grpc_message_limit
+        return [
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 1 if self._reuse_port else 0),
+        ]
+
+    async def start(self, metrics: Metrics) -> None:
+        """Listen (health ``NOT_SERVING``), open dependencies, then report ``SERVING``."""
+        pb_grpc.add_ExternalProcessorServicer_to_server(self._processor, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        await self._set_health(_NotServing)
+        self.port = self._server.add_insecure_port(self.settings.listen)
+        await self._server.start()
+        deps = await self._build(metrics)
+        self._processor.ready(deps)
+        await self._set_health(_Serving)
+        log_event(log, logging.INFO, "serving", address=self.address, port=self.port)
+
+    @property
+    def address(self) -> str:
+        listen = self.settings.listen
+        if listen.startswith("unix:"):
+            return listen
+        return f"{listen.rpartition(':')[0]}:{self.port}"
+
+    async def _build(self, metrics: Metrics) -> servicer.Dependencies:
+        s = self.settings
+        pool = await _open_pool_retrying(s.database_url)
+        self._resources.closers.append(pool.close)
+        tokenizer = build_tokenizer(s.tokenizer_url, dict(s.tokenizers))
+        self._resources.closers.append(tokenizer.aclose)
+        principals = build_principal_resolver(str(s.principal_source), pool)
+        models = PgModelConfigResolver(pool)
+        metrics.observe_caches(
+            {
+                "principal": lambda: _hits(principals.memo_stats()),
+                "model": lambda: _hits(models.memo_stats()),
+            }
+        )
+        self._start_sweeper(pool)
+        index = postgres.PgPrefixIndex(pool)
+        self._commits = servicer.CommitTracker(index, s.commit_deadline_ms / 1000, metrics)
+        ports = ClassifyPorts(
+            principals, models, TimedIndex(index, metrics), TimedTokenizer(tokenizer, metrics)
+        )
+        return servicer.Dependencies(
+            policy=self._session_policy(),
+            ports=ports,
+            deadlines=servicer.Deadlines(
+                s.classify_deadline_ms / 1000, s.commit_deadline_ms / 1000
+            ),
+            commits=self._commits,
+            metrics=metrics,
+        )
+
+    def _start_sweeper(self, pool: postgres.Pool) -> None:
+        if self.settings.sweep_interval_s <= 0:
+            return
+        sweeper = postgres.ExpirySweeper(pool, interval=self.settings.sweep_interval_s)
+        sweeper.start()
+        self._resources.closers.append(sweeper.stop)
+
+    def _session_policy(self) -> SessionPolicy:
+        source = self.settings.principal_source
+        keep = frozenset({source.header}) if source.kind is PrincipalKind.HEADER else frozenset()
+        return SessionPolicy(
+            tiers=self.settings.tiers,
+            max_body_bytes=self.settings.max_body_bytes,
+            caller_headers=frozenset(h for h in keep if h is not None),
+        )
+
+    async def stop(self) -> None:
+        """Graceful stop within ``shutdown_grace_s``; see the module docstring for the order."""
+        deadline = time.monotonic() + self.settings.shutdown_grace_s
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(self.settings.shutdown_grace_s)
+        if self._commits is not None:
+            late = await self._commits.drain(max(0.0, deadline - time.monotonic()))
+            if late:
+                log_event(log, logging.WARNING, "commits abandoned at shutdown", count=late)
+        await self._resources.close()
+
+    async def _set_health(self, status: int) -> None:
+        for name in HEALTH_SERVICES:
+            await self._health.set(name, status)
+
+
+def _hits(stats: Any) -> tuple[int, int]:
+    return int(stats.hits), int(stats.misses)
+
+
+async def _open_pool_retrying(url: str) -> postgres.Pool:
+    """Open the pool, retrying while the database is unavailable (health stays NOT_SERVING)."""
+    while True:
+        try:
+            return await postgres.open_pool(url)
+        except DependencyError as err:
+            log_event(log, logging.WARNING, "database unavailable, retrying", error=str(err))
+            await asyncio.sleep(POOL_RETRY_S)
+
+
+async def run(settings: Settings, *, reuse_port: bool = False) -> None:
+    """Serve until SIGTERM or SIGINT, then stop gracefully."""
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    metrics_host = settings.metrics_listen.host if settings.metrics_listen else None
+    metrics_port = settings.metrics_listen.port if settings.metrics_listen else 0
+    metrics, metrics_server = start_metrics(metrics_host, metrics_port)
+    app = App(settings, reuse_port=reuse_port)
+    try:
+        await _until(stopping, app.start(metrics))
+        await stopping.wait()
+        log_event(log, logging.INFO, "stopping", grace_s=settings.shutdown_grace_s)
+    finally:
+        await app.stop()
+        metrics_server.close()
+        log_event(log, logging.INFO, "stopped")
+
+
+async def _until(stopping: asyncio.Event, work: Awaitable[None]) -> None:
+    """Run ``work`` unless ``stopping`` is set first (then cancel it)."""
+    task = asyncio.ensure_future(work)
+    waiter = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return
+    task.result()
+
+
+def main(settings: Settings) -> None:
+    """Run one server process, or ``workers`` processes sharing the port."""
+    configure_logging(settings.log_level)
+    if settings.workers == 1:
+        asyncio.run(run(settings))
+        return
+    _run_workers(settings)
+
+
+def _run_worker(settings: Settings, index: int) -> None:
+    configure_logging(settings.log_level)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent forwards SIGTERM
+    asyncio.run(run(_worker_settings(settings, index), reuse_port=True))
+
+
+def _worker_settings(settings: Settings, index: int) -> Settings:
+    """Worker ``index`` exports its metrics on the configured port plus ``index``."""
+    metrics = settings.metrics_listen
+    if metrics is not None and metrics.port:
+        metrics = HostPort(metrics.host, metrics.port + index)
+    return replace(settings, metrics_listen=metrics, workers=1)
+
+
+def _run_workers(settings: Settings) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=_run_worker, args=(settings, i), name=f"extproc-worker-{i}")
+        for i in range(settings.workers)
+    ]
+    for proc in procs:
+        proc.start()
+
+    def forward(signum: int, _frame: object) -> None:
+        for proc in procs:
+            if proc.is_alive() and proc.pid is not None:
+                proc.terminate()
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for proc in procs:
+        proc.join()
