@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
 from collections.abc import AsyncIterator
 
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from extproc.adapters.postgres import PgPrefixIndex, Pool, open_pool, sweep_expired
+from extproc.adapters.postgres import (
+    ExpirySweeper,
+    PgPrefixIndex,
+    Pool,
+    open_pool,
+    sweep_expired,
+)
 from extproc.core.errors import DependencyError
 from extproc.core.model import (
     CacheEntry,
@@ -217,3 +224,53 @@ async def _lookup_once_recovered(index: PgPrefixIndex) -> list[IndexHit]:
         except DependencyError:
             await asyncio.sleep(0.1)
     pytest.fail("the index never recovered after the server came back")
+
+
+async def test_periodic_sweeper_counts_deletions_and_stops(
+    pg_pool: Pool, database_url: str
+) -> None:
+    insert(database_url, SCOPE, "old", 1, "-1 second")
+    sweeper = ExpirySweeper(pg_pool, interval=3600.0, batch_size=10)
+    sweeper.start()
+    assert await sweeper.run_once() == 1
+    await sweeper.stop()
+    await sweeper.stop()
+    assert (sweeper.deleted_total, sweeper.failures, count_rows(database_url)) == (1, 0, 0)
+
+
+async def test_periodic_sweeper_survives_an_outage(database_url: str, proxy: TcpProxy) -> None:
+    url = make_conninfo(database_url, host="127.0.0.1", port=proxy.port)
+    pool = await open_pool(url, min_size=1, max_size=1, timeout=1.0)
+    try:
+        await proxy.stop()
+        sweeper = ExpirySweeper(pool)
+        assert await sweeper.run_once() == 0
+        assert sweeper.failures == 1
+    finally:
+        await pool.close(timeout=1.0)
+
+
+async def test_open_pool_on_an_unreachable_server_raises_dependency_error() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(DependencyError, match="database unavailable"):
+        await open_pool(f"postgresql://nobody@127.0.0.1:{port}/none", timeout=1.0)
+
+
+async def test_open_pool_with_empty_url_uses_libpq_environment(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    params = conninfo_to_dict(database_url)
+    for name, key in (("PGHOST", "host"), ("PGPORT", "port"), ("PGUSER", "user")):
+        monkeypatch.setenv(name, str(params[key]))
+    monkeypatch.setenv("PGDATABASE", str(params["dbname"]))
+    pool = await open_pool("", timeout=5.0)
+    try:
+        async with pool.connection() as conn:
+            cursor = await conn.execute(
+                "SELECT current_database(), current_setting('statement_timeout')"
+            )
+            assert await cursor.fetchone() == (params["dbname"], "2s")
+    finally:
+        await pool.close()
