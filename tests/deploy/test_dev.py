@@ -1,0 +1,164 @@
+"""``extproc dev``: the README's one command starts the stack, proves write-then-read, stops."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from extproc.commands.dev import (
+    DEFAULT_MIN_PREFIX_TOKENS,
+    DEFAULT_TOKENIZER,
+    curl_command,
+    example_body,
+    prepare_tokenizer,
+    usage_problems,
+)
+from extproc.core import codec
+from extproc.devstack import free_port
+from extproc.upstream import load_counter
+
+STACK_TIMEOUT_S = 240
+
+
+def _command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "extproc.cli", "dev", *args]
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "EXTPROC_DATABASE_URL"}
+
+
+def test_check_proves_write_then_read(tmp_path: Path) -> None:
+    done = subprocess.run(
+        _command("--check", "--port", str(free_port())),
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=STACK_TIMEOUT_S,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "check passed" in done.stdout
+    assert not list(tmp_path.iterdir()), "--check leaves nothing behind in the working directory"
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    return psutil.Process(pid).children(recursive=True)
+
+
+@pytest.fixture
+def running_stack(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+    argv = _command("--port", str(free_port()), "--workdir", str(tmp_path / "dev"))
+    process = subprocess.Popen(
+        argv, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    assert process.stdout is not None
+    lines: list[str] = []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if "Ctrl-C stops everything" in line:
+                break
+        yield process, lines
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=STACK_TIMEOUT_S)
+
+
+def test_sigterm_stops_every_child(
+    running_stack: tuple[subprocess.Popen[str], list[str]],
+) -> None:
+    process, lines = running_stack
+    assert process.poll() is None, "".join(lines)
+    children = _descendants(process.pid)
+    names = " ".join(" ".join(c.cmdline()) for c in children)
+    assert all(part in names for part in ("envoy", "postgres", "serve", "demo-upstream")), names
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert alive == []
+
+
+def test_printed_curl_is_the_example(
+    running_stack: tuple[subprocess.Popen[str], list[str]],
+) -> None:
+    _, lines = running_stack
+    text = "".join(lines)
+    start = text.index("curl -s")
+    words = shlex.split(text[start : text.index("Ctrl-C")])
+    assert words[:3] == ["curl", "-s", words[2]]
+    assert words[2].endswith("/v1/chat/completions")
+    assert codec.loads(words[words.index("-d") + 1]) == example_body("demo")
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "problems"),
+    [
+        pytest.param(
+            {"cache_creation_input_tokens": 90, "cache_read_input_tokens": 0},
+            {"cache_creation_input_tokens": 0, "cache_read_input_tokens": 90},
+            0,
+            id="write-then-read",
+        ),
+        pytest.param(
+            {"cache_creation_input_tokens": 0, "cache_read_input_tokens": 0},
+            {"cache_creation_input_tokens": 0, "cache_read_input_tokens": 0},
+            2,
+            id="zero-active",
+        ),
+        pytest.param({}, {}, 4, id="inactive"),
+        pytest.param(
+            {"cache_creation_input_tokens": 90, "cache_read_input_tokens": 0},
+            {"cache_creation_input_tokens": 90, "cache_read_input_tokens": 0},
+            2,
+            id="never-read",
+        ),
+        pytest.param(
+            {"cache_creation_input_tokens": 90, "cache_read_input_tokens": 0},
+            {"cache_creation_input_tokens": 0, "cache_read_input_tokens": 80},
+            1,
+            id="partial-read",
+        ),
+    ],
+)
+def test_usage_problems(first: dict[str, Any], second: dict[str, Any], problems: int) -> None:
+    assert len(usage_problems(first, second)) == problems
+
+
+def test_example_prefix_passes_the_floor() -> None:
+    count = load_counter(prepare_tokenizer(DEFAULT_TOKENIZER))
+    system = example_body("demo")["messages"][0]["content"][0]
+    assert system["cache_control"]["type"] == "ephemeral"
+    assert count(system["text"]) >= DEFAULT_MIN_PREFIX_TOKENS
+
+
+@pytest.mark.parametrize(
+    ("key", "header"),
+    [
+        pytest.param("sk-dev-abc", "Authorization: Bearer sk-dev-abc", id="literal-key"),
+        pytest.param("$EXTPROC_DEV_API_KEY", "Authorization: Bearer secret", id="key-from-env"),
+    ],
+)
+def test_curl_command_quotes_for_the_shell(key: str, header: str) -> None:
+    command = curl_command("http://localhost:10000", key, "demo")
+    env = {**os.environ, "EXTPROC_DEV_API_KEY": "secret"}
+    shown = subprocess.run(
+        ["bash", "-c", command.replace("curl -s", "printf '%s\\n'", 1)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert shown[shown.index("-H") + 1] == header
+    assert codec.loads(shown[shown.index("-d") + 1]) == example_body("demo")
