@@ -25,9 +25,10 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from extproc.core import codec
+from extproc.core.errors import ExtprocError
 
 
-class TokenizerSourceError(ValueError):
+class TokenizerSourceError(ExtprocError, ValueError):
     """A tokenizer source cannot be found or read."""
 
 
