@@ -17,6 +17,8 @@ from extproc.adapters.tokenizer_files import (
     export_tokenizer_json,
     read_source,
 )
+from extproc.adapters.tokenizers import load_tokenizer_file
+from extproc.cli import main
 
 TEXTS = [
     pytest.param("hello world", id="ascii"),
@@ -101,10 +103,8 @@ def test_byte_alphabet_is_a_bijection_onto_printable_characters():
 
 
 def test_tiktoken_file_round_trips(tmp_path):
-    ranks = tmp_path / "tiny.tiktoken"
-    lines = [base64.b64encode(bytes([b])) + b" %d" % b for b in range(256)]
-    lines += [base64.b64encode(b"ab") + b" 256", base64.b64encode(b"abc") + b" 257"]
-    ranks.write_bytes(b"\n".join(lines) + b"\n")
+    ranks = tiny_ranks(tmp_path)
+    ranks.write_bytes(ranks.read_bytes() + b"\n" + base64.b64encode(b"abc") + b" 257\n")
     dest = export_tokenizer_json(f"tiktoken:{ranks}", tmp_path / "t.json", pattern=r"\S+|\s+")
     assert ids(Tokenizer.from_file(str(dest)), "abc ab ba") == [257, 32, 256, 32, 98, 97]
 
@@ -145,3 +145,40 @@ def test_cached_export_is_made_once(tmp_path, monkeypatch, tokenizer_file):
     assert first == second
     assert first.parent == tmp_path
     assert made == ["qwen2.5"]
+
+
+def test_export_is_byte_identical_every_time(tmp_path, tokenizer_file):
+    """Replicas exporting the same package version get the same tokenizer version."""
+    again = export_tokenizer_json("qwen2.5", tmp_path / "again.json")
+    assert again.read_bytes() == tokenizer_file.read_bytes()
+
+
+def tiny_ranks(tmp_path: Path) -> Path:
+    ranks = tmp_path / "tiny.tiktoken"
+    lines = [base64.b64encode(bytes([b])) + b" %d" % b for b in range(256)]
+    ranks.write_bytes(b"\n".join([*lines, base64.b64encode(b"ab") + b" 256"]))
+    return ranks
+
+
+def test_cli_exports_and_prints_the_version(tmp_path, capsys):
+    out = tmp_path / "out" / "tiny.json"
+    source = f"tiktoken:{tiny_ranks(tmp_path)}"
+    assert main(["tokenizer", "export", "--from", source, "--pattern", r"\S+|\s+", str(out)]) == 0
+    exported = capsys.readouterr().out.strip()
+    assert main(["tokenizer", "version", str(out)]) == 0
+    version = capsys.readouterr().out.strip()
+    assert exported == f"{out}\t{version}"
+    assert version == load_tokenizer_file(out).version
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        pytest.param(["export", "--from", "nope", "x.json"], "unknown tokenizer", id="export"),
+        pytest.param(["version", "absent.json"], "absent.json", id="version"),
+    ],
+)
+def test_cli_reports_bad_input(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(["tokenizer", *argv]) == 1
+    assert message in capsys.readouterr().err

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +14,8 @@ from extproc.adapters.tokenizers_remote import RemoteTimeouts, RemoteTokenizer
 from extproc.core.errors import DependencyError, UnmappedModel
 from extproc.core.model import TokenCounts
 from tests.fakes.tokenizer_service import Faults
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Clock:
@@ -172,3 +177,23 @@ def test_bad_model_lists_are_rejected(answer):
 
     with pytest.raises(DependencyError, match="/v1/models"):
         _parse_models(answer)
+
+
+async def test_fake_service_runs_as_a_process(tokenizer_file, tokenizer_alias):
+    """End-to-end tests start the fake as a separate process; it must announce its address."""
+    command = [sys.executable, "-m", "tests.fakes.tokenizer_service", "--port", "0"]
+    command += ["--model", f"{tokenizer_alias}={tokenizer_file}"]
+    process = await asyncio.create_subprocess_exec(
+        *command, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        line = (await asyncio.wait_for(process.stdout.readline(), 120)).decode()
+        assert line.startswith("listening on http://127.0.0.1:"), line
+        remote = RemoteTokenizer(line.split()[-1], RemoteTimeouts(connect=5, total=30))
+        counts = await remote.count(tokenizer_alias, ["hello world"])
+        await remote.aclose()
+        assert counts.segment_counts == (2,)
+    finally:
+        process.terminate()
+        _, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
