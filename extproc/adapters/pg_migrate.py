@@ -111,12 +111,11 @@ def check_history(known: tuple[Migration, ...], applied: list[AppliedMigration])
 def migrate(conninfo: str, directory: Path = MIGRATIONS_DIR) -> MigrationReport:
     """Apply the pending migrations of ``directory`` to the database at ``conninfo``."""
     known = load_migrations(directory)
-    with psycopg.connect(conninfo, autocommit=True) as conn:
+    with psycopg.connect(conninfo, autocommit=True, connect_timeout=10) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
-        try:
-            return _migrate_locked(conn, known)
-        finally:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
+        # A migration waiting for a table lock must not stall live traffic queued behind it.
+        conn.execute(b"SET lock_timeout = '10s'")
+        return _migrate_locked(conn, known)  # closing the session releases the advisory lock
 
 
 def _migrate_locked(

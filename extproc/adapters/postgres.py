@@ -229,7 +229,7 @@ class ExpirySweeper:
             deleted = await sweep_expired(self._pool, self._batch_size)
         except DependencyError as exc:
             self.failures += 1
-            _log.warning("expiry sweep failed", extra={"error": str(exc)})
+            _log.warning("expiry sweep failed: %s", exc)
             return 0
         self.deleted_total += deleted
         return deleted
