@@ -14,6 +14,7 @@ import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from tokenizers import Tokenizer as HfTokenizer
 
@@ -21,6 +22,8 @@ from extproc.adapters.tokenizers_remote import RemoteTimeouts, RemoteTokenizer
 from extproc.core import codec
 from extproc.core.errors import DependencyError, UnmappedModel
 from extproc.core.model import TokenCounts
+
+_T = TypeVar("_T")
 
 
 class TokenizerFileError(DependencyError):
@@ -104,9 +107,7 @@ class EmbeddedTokenizer:
         loaded = await self._get(self._files[alias])
         counts: tuple[int, ...] = ()
         if segments:
-            loop = asyncio.get_running_loop()
-            work = loop.run_in_executor(self._pool, count_tokens, loaded.encoder, list(segments))
-            counts = await work
+            counts = await self._submit(count_tokens, loaded.encoder, list(segments))
         return TokenCounts(loaded.version, counts)
 
     def close(self) -> None:
@@ -122,12 +123,18 @@ class EmbeddedTokenizer:
             return loaded
         pending = self._loading.get(path)
         if pending is None:
-            pending = asyncio.get_running_loop().run_in_executor(self._pool, self._load, path)
+            pending = self._submit(self._load, path)
             pending.add_done_callback(functools.partial(self._forget, path))
             self._loading[path] = pending
         loaded = await asyncio.shield(pending)
         self._loaded[path] = loaded
         return loaded
+
+    def _submit(self, work: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
+        try:
+            return asyncio.get_running_loop().run_in_executor(self._pool, work, *args)
+        except RuntimeError as exc:  # the pool is shut down: the server is stopping
+            raise DependencyError("tokenizer is closed") from exc
 
     def _forget(self, path: Path, done: asyncio.Future[LoadedTokenizer]) -> None:
         if self._loading.get(path) is done:

@@ -83,7 +83,7 @@ class RemoteTokenizer:
         try:
             async with asyncio.timeout(self._timeouts.total):
                 response = await self._client.request(method, path, content=content)
-        except (httpx.HTTPError, TimeoutError) as exc:
+        except (httpx.HTTPError, TimeoutError, RuntimeError) as exc:  # RuntimeError: closed
             raise DependencyError(f"tokenizer service {path}: {_describe(exc)}") from exc
         if response.status_code == 422 and path == "/v1/tokenize":
             raise UnmappedModel(f"tokenizer service does not map this model ({path})")

@@ -261,3 +261,10 @@ async def test_composite_without_service_maps_only_files(tmp_path):
     with pytest.raises(UnmappedModel):
         await composite.count("other", ["x"])
     await composite.aclose()
+
+
+async def test_closed_tokenizer_degrades(tmp_path):
+    embedded = EmbeddedTokenizer({"m": small_tokenizer(tmp_path / "t.json")})
+    await embedded.aclose()
+    with pytest.raises(DependencyError, match="closed"):
+        await embedded.count("m", ["a"])

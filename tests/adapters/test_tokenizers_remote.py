@@ -85,7 +85,7 @@ FAULTS = [
     pytest.param(Faults(status=500), "status 500", id="status-500"),
     pytest.param(Faults(status=404), "status 404", id="status-404"),
     pytest.param(Faults(malformed=True), "malformed JSON", id="malformed-json"),
-    pytest.param(Faults(reset=True), "tokenize", id="connection-reset"),
+    pytest.param(Faults(reset=True), "tokenize: (ReadError|RemoteProtocolError)", id="reset"),
     pytest.param(Faults(wrong_counts=True), "counts for 2 segments", id="count-mismatch"),
 ]
 
@@ -197,3 +197,9 @@ async def test_fake_service_runs_as_a_process(tokenizer_file, tokenizer_alias):
         process.terminate()
         _, err = await process.communicate()
     assert process.returncode == 0, err.decode()
+
+
+async def test_closed_client_degrades(client, tokenizer_alias):
+    await client.aclose()
+    with pytest.raises(DependencyError, match="RuntimeError"):
+        await client.count(tokenizer_alias, ["x"])
