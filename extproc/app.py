@@ -47,6 +47,10 @@ _Serving = health_pb2.HealthCheckResponse.SERVING
 _NotServing = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+Builder = Callable[[Metrics], Awaitable[servicer.Dependencies]]
+"""Builds the servicer's dependencies once the server listens (tests inject fakes here)."""
+
+
 @dataclass
 class Resources:
     """What ``start`` opened and ``stop`` closes, in reverse order."""
@@ -65,10 +69,13 @@ class Resources:
 class App:
     """One server process."""
 
-    def __init__(self, settings: Settings, *, reuse_port: bool = False) -> None:
+    def __init__(
+        self, settings: Settings, *, reuse_port: bool = False, build: Builder | None = None
+    ) -> None:
         self.settings = settings
         self.port = 0
         self._reuse_port = reuse_port
+        self._builder = build
         self._health = health.aio.HealthServicer()
         self._processor = servicer.ExternalProcessor(None)
         self._server = grpc.aio.server(options=self._grpc_options())
@@ -90,7 +97,8 @@ class App:
         await self._set_health(_NotServing)
         self.port = self._server.add_insecure_port(self.settings.listen)
         await self._server.start()
-        deps = await self._build(metrics)
+        deps = await (self._builder or self._build)(metrics)
+        self._commits = deps.commits
         self._processor.ready(deps)
         await self._set_health(_Serving)
         log_event(log, logging.INFO, "serving", address=self.address, port=self.port)

@@ -119,7 +119,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         request_iterator: AsyncIterator[pb.ProcessingRequest],
         context: _Context,
     ) -> AsyncIterator[pb.ProcessingResponse]:
-        if self._deps is None:
+        if self._deps is None:  # abort raises: the stream ends here
             await context.abort(grpc.StatusCode.UNAVAILABLE, "extproc is starting")
         pump = Pump(self._deps)
         try:
@@ -136,11 +136,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
 class Pump:
     """Drives one session: translate, receive, join classify when asked, translate back."""
 
-    def __init__(self, deps: Dependencies | None = None) -> None:
-        self._deps = deps
-
-    def ready(self, deps: Dependencies) -> None:
-        """Start answering streams (until then each is refused with ``UNAVAILABLE``)."""
+    def __init__(self, deps: Dependencies) -> None:
         self._deps = deps
         self.session = s.Session(deps.policy)
         self._task: asyncio.Task[Classification] | None = None

@@ -1,0 +1,344 @@
+"""The real grpc.aio server answering Envoy's side of ``Process``: replies, joins and commits."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+import pytest
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from grpc_health.v1 import health_pb2
+
+from extproc.adapters import servicer
+from extproc.app import App
+from extproc.config import Settings
+from extproc.core import codec
+from extproc.core.model import Tier
+from tests.plugins.grpc_server import (
+    MODEL,
+    EnvoySide,
+    FakePorts,
+    ServerHarness,
+    bearer,
+    dependencies,
+)
+
+Mode = processing_mode_pb2.ProcessingMode
+SYSTEM = "you are a careful assistant who answers briefly"  # 8 words = 8 fake tokens
+MARKED = codec.dumps(
+    {
+        "model": MODEL,
+        "messages": [
+            {
+                "role": "system",
+                "content": [
+                    {"type": "text", "text": SYSTEM, "cache_control": {"type": "ephemeral"}}
+                ],
+            },
+            {"role": "user", "content": "hi"},
+        ],
+    }
+)
+USAGE = {"prompt_tokens": 20, "completion_tokens": 2, "total_tokens": 22}
+JSON_ANSWER = codec.dumps({"id": "c1", "choices": [], "usage": USAGE})
+CONTENT = b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n'
+USAGE_FRAME = b"data: " + codec.dumps({"choices": [], "usage": USAGE}) + b"\n\n"
+DONE = b"data: [DONE]\n\n"
+
+
+def mode(header: Any, body: Any) -> processing_mode_pb2.ProcessingMode:
+    return Mode(
+        request_body_mode=Mode.NONE,
+        response_header_mode=header,
+        response_body_mode=body,
+        request_trailer_mode=Mode.SKIP,
+        response_trailer_mode=Mode.SKIP,
+    )
+
+
+def kind(reply: pb.ProcessingResponse) -> str | None:
+    return reply.WhichOneof("response")
+
+
+def common(reply: pb.ProcessingResponse) -> pb.CommonResponse:
+    name = kind(reply)
+    assert name is not None
+    part = getattr(reply, name)
+    assert isinstance(part.response, pb.CommonResponse)
+    return part.response
+
+
+def set_headers(reply: pb.ProcessingResponse) -> dict[str, bytes]:
+    return {h.header.key: h.header.raw_value for h in common(reply).header_mutation.set_headers}
+
+
+def is_plain_continue(reply: pb.ProcessingResponse) -> bool:
+    return not reply.HasField("mode_override") and common(reply) == pb.CommonResponse()
+
+
+async def wait(event: asyncio.Event) -> None:
+    await asyncio.wait_for(event.wait(), 10)
+
+
+async def open_chat(stream: EnvoySide) -> None:
+    await stream.request_headers(**bearer())
+    await stream.request_body(MARKED)
+
+
+# ---- replies, in order, with their oneofs ----
+
+
+async def test_json_request_gets_four_replies_and_commits_after_eos(
+    extproc_server: ServerHarness,
+) -> None:
+    stream = extproc_server.stream()
+    replies = [await stream.request_headers(**bearer())]
+    replies.append(await stream.request_body(MARKED))
+    replies.append(await stream.response_headers(200, "application/json"))
+    extproc_server.ports.index.commit_gate.clear()
+    replies.append(await stream.response_body(JSON_ANSWER, eos=True))
+    await stream.finish()
+
+    assert [kind(r) for r in replies] == [
+        "request_headers",
+        "request_body",
+        "response_headers",
+        "response_body",
+    ]
+    assert is_plain_continue(replies[0])
+    forwarded = common(replies[1]).body_mutation.body
+    assert b"cache_control" not in forwarded
+    assert set_headers(replies[1]) == {"content-length": str(len(forwarded)).encode()}
+    assert replies[2].mode_override == mode(Mode.SEND, Mode.BUFFERED)
+    answer = common(replies[3]).body_mutation.body
+    usage = codec.loads(answer)["usage"]
+    assert usage["cache_creation"][Tier.M5.usage_key] == 8
+    assert usage["prompt_tokens"] == 20
+    assert set_headers(replies[3]) == {"content-length": str(len(answer)).encode()}
+
+    await wait(extproc_server.ports.index.commit_started)  # scheduled after the eos reply
+    assert extproc_server.commits.pending == 1
+    assert extproc_server.ports.index.inner.commits == []
+    extproc_server.ports.index.commit_gate.set()
+    assert await extproc_server.commits.drain(10) == 0
+    [pending] = extproc_server.ports.index.inner.commits
+    assert [e.cumulative_token_count for e in pending.entries] == [8]
+    assert extproc_server.counter("extproc.commit_results") == {(("result", "ok"),): 1}
+
+
+async def test_non_chat_request_skips_everything_else(extproc_server: ServerHarness) -> None:
+    stream = extproc_server.stream()
+    reply = await stream.request_headers("/v1/models", "GET", **bearer())
+    assert kind(reply) == "request_headers"
+    assert reply.mode_override == mode(Mode.SKIP, Mode.NONE)
+    await stream.finish()
+
+
+async def test_bad_marker_gets_an_immediate_400(extproc_server: ServerHarness) -> None:
+    stream = extproc_server.stream()
+    await stream.request_headers(**bearer())
+    bad = MARKED.replace(b'"ephemeral"', b'"forever"')
+    reply = await stream.request_body(bad)
+    await stream.finish()
+    assert kind(reply) == "immediate_response"
+    answer = reply.immediate_response
+    assert answer.status.code == 400
+    assert [(h.header.key, h.header.raw_value) for h in answer.headers.set_headers] == [
+        ("content-type", b"application/json")
+    ]
+    assert codec.loads(answer.body)["error"]["code"] == "invalid_cache_control"
+    assert answer.details == "extproc_invalid_cache_control"
+    assert extproc_server.counter("extproc.marker_rejections") == {
+        (("reason", "unsupported_type"),): 1
+    }
+
+
+# ---- SSE: the join happens at the usage frame only ----
+
+
+async def test_slow_classify_does_not_hold_the_first_sse_chunk(
+    extproc_server: ServerHarness,
+) -> None:
+    index = extproc_server.ports.index
+    index.lookup_gate.clear()
+    stream = extproc_server.stream()
+    await open_chat(stream)
+    await wait(index.lookup_started)
+    headers = await stream.response_headers(200, "text/event-stream")
+    assert headers.mode_override == mode(Mode.SEND, Mode.STREAMED)
+    assert list(common(headers).header_mutation.remove_headers) == ["content-length"]
+    first = await stream.response_body(CONTENT)
+    assert kind(first) == "response_body"
+    assert is_plain_continue(first)
+    assert not index.lookup_gate.is_set()  # answered while classify was still blocked
+
+    index.lookup_gate.set()
+    edited = common(await stream.response_body(USAGE_FRAME)).body_mutation.body
+    usage = codec.loads(edited.removeprefix(b"data: "))["usage"]
+    assert usage["cache_creation_input_tokens"] == 8
+    assert is_plain_continue(await stream.response_body(DONE))
+    assert is_plain_continue(await stream.response_body(b"", eos=True))
+    await stream.finish()
+    await extproc_server.commits.drain(10)
+    assert len(index.inner.commits) == 1
+
+
+@pytest.mark.parametrize(
+    "deadlines", [pytest.param(servicer.Deadlines(classify_s=0.05, commit_s=10), id="50ms")]
+)
+async def test_deadline_exceeded_leaves_usage_untouched_and_commits_nothing(
+    extproc_server: ServerHarness,
+) -> None:
+    index = extproc_server.ports.index
+    index.lookup_gate.clear()
+    stream = extproc_server.stream()
+    await open_chat(stream)
+    await stream.response_headers(200, "text/event-stream")
+    assert is_plain_continue(await stream.response_body(CONTENT))
+    assert is_plain_continue(await stream.response_body(USAGE_FRAME))
+    await wait(index.lookup_cancelled)
+    assert is_plain_continue(await stream.response_body(b"", eos=True))
+    await stream.finish()
+    await extproc_server.commits.drain(10)
+    assert index.inner.commits == []
+    assert extproc_server.counter("extproc.classify_results") == {
+        (("result", "deadline_exceeded"),): 1
+    }
+
+
+async def test_stream_cancelled_before_eos_commits_nothing(extproc_server: ServerHarness) -> None:
+    stream = extproc_server.stream()
+    await open_chat(stream)
+    await stream.response_headers(200, "text/event-stream")
+    edited = await stream.response_body(USAGE_FRAME)
+    assert common(edited).body_mutation.body != USAGE_FRAME  # classified and shown...
+    stream.cancel()
+    vetoes = await _eventually(lambda: extproc_server.counter("extproc.commit_vetoes"))
+    assert vetoes == {(("reason", "no_end_of_stream"),): 1}
+    await extproc_server.commits.drain(10)
+    assert extproc_server.ports.index.inner.commits == []  # ...but never committed
+
+
+async def test_stream_ending_early_cancels_classify(extproc_server: ServerHarness) -> None:
+    index = extproc_server.ports.index
+    index.lookup_gate.clear()
+    stream = extproc_server.stream()
+    await open_chat(stream)
+    await wait(index.lookup_started)
+    await stream.finish()  # EOF without a response: Envoy gave up on the request
+    await wait(index.lookup_cancelled)
+    assert index.inner.commits == []
+
+
+async def _eventually(read: Any) -> Any:
+    for _ in range(200):
+        value = read()
+        if value:
+            return value
+        await asyncio.sleep(0.02)
+    return read()
+
+
+# ---- health and graceful shutdown of the whole app ----
+
+
+def app_settings(database_url: str = "postgresql://unused@127.0.0.1:1/x") -> Settings:
+    return Settings(
+        listen="127.0.0.1:0",
+        database_url=database_url,
+        metrics_listen=None,
+        shutdown_grace_s=10,
+        sweep_interval_s=0,
+    )
+
+
+async def health_of(channel: grpc.aio.Channel, service: str) -> str:
+    check = channel.unary_unary(
+        "/grpc.health.v1.Health/Check",
+        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+        response_deserializer=health_pb2.HealthCheckResponse.FromString,
+    )
+    request = health_pb2.HealthCheckRequest(service=service)
+    response = await check(request, wait_for_ready=True, timeout=10)
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+
+async def _started(app: App) -> grpc.aio.Channel:
+    port = await _eventually(lambda: app.port)
+    return grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+
+
+async def test_health_follows_readiness_and_shutdown_waits_for_commits(
+    fake_ports: FakePorts,
+) -> None:
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    ready = asyncio.Event()
+    deps = dependencies(fake_ports, InMemoryMetricReader(), servicer.Deadlines(10, 10))
+
+    async def build(_metrics: Any) -> servicer.Dependencies:
+        await ready.wait()  # stands in for the database pool opening
+        return deps
+
+    app = App(app_settings(), build=build)
+    starting = asyncio.create_task(app.start(deps.metrics))
+    channel = await _started(app)
+    try:
+        assert await health_of(channel, "") == "NOT_SERVING"
+        early = EnvoySide(_stub(channel).Process())
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await early.request_headers(**bearer())
+        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+
+        ready.set()
+        await starting
+        for service in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
+            assert await health_of(channel, service) == "SERVING"
+
+        fake_ports.index.commit_gate.clear()
+        stream = EnvoySide(_stub(channel).Process())
+        await open_chat(stream)
+        await stream.response_headers(200, "application/json")
+        await stream.response_body(JSON_ANSWER, eos=True)
+        await stream.finish()
+        await wait(fake_ports.index.commit_started)
+
+        stopping = asyncio.create_task(app.stop())
+        await asyncio.sleep(0.2)
+        assert not stopping.done()  # holding on for the pending commit
+        fake_ports.index.commit_gate.set()
+        await stopping
+        assert len(fake_ports.index.inner.commits) == 1
+    finally:
+        await channel.close()
+        if not starting.done():
+            starting.cancel()
+        await app.stop()
+
+
+def _stub(channel: grpc.aio.Channel) -> Any:
+    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+    return pb_grpc.ExternalProcessorStub(channel)
+
+
+async def test_app_serves_with_the_real_database(database_url: str) -> None:
+    from extproc.adapters.telemetry import start_metrics
+
+    metrics, server = start_metrics(None, 0)
+    app = App(app_settings(database_url))
+    try:
+        await asyncio.wait_for(app.start(metrics), 30)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+        assert await health_of(channel, "") == "SERVING"
+        stream = EnvoySide(_stub(channel).Process())
+        await open_chat(stream)  # a key the database does not know: inactive
+        await stream.response_headers(200, "application/json")
+        assert is_plain_continue(await stream.response_body(JSON_ANSWER, eos=True))
+        await stream.finish()
+        await channel.close()
+    finally:
+        await app.stop()
+        server.close()
