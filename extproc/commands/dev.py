@@ -130,12 +130,18 @@ def run(args: argparse.Namespace) -> int:
             return watch(supervisor)
         except DevStackError as exc:
             print(f"extproc dev: {exc}", file=sys.stderr)
+            _show_logs(supervisor)
             return 1
         except KeyboardInterrupt:
             print("\nextproc dev: stopping", file=sys.stderr)
             return 0
         finally:
             supervisor.stop_all()
+
+
+def _show_logs(supervisor: Supervisor) -> None:
+    for child in supervisor.children:
+        print(f"--- last lines of {child.log}\n{child.tail(12)}", file=sys.stderr)
 
 
 @contextlib.contextmanager
