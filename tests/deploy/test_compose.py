@@ -154,7 +154,8 @@ def test_dockerfile_runtime_stage() -> None:
     assert 'CMD ["serve"]' in runtime
     assert "STOPSIGNAL SIGTERM" in runtime
     users = [line.split()[1] for line in runtime if line.startswith("USER ")]
-    assert users and users[-1].split(":")[0] not in ("0", "root")
+    assert users
+    assert users[-1].split(":")[0] not in ("0", "root")
     assert "ARG PYTHON_IMAGE=python:3.11-slim" in DOCKERFILE.read_text()
 
 
@@ -166,7 +167,8 @@ def test_dockerfile_default_target_is_the_runtime_image() -> None:
 def test_dockerfile_installs_no_extras() -> None:
     build = _stage("build")
     installs = [line for line in build if "pip install" in line]
-    assert installs and all("[" not in line for line in installs)
+    assert installs
+    assert all("[" not in line for line in installs)
 
 
 def test_dockerignore_keeps_the_context_small() -> None:
