@@ -1,0 +1,231 @@
+"""Istio's EnvoyFilter and Envoy Gateway's EnvoyExtensionPolicy agree with the shipped bootstrap."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from extproc.devstack import free_port
+from extproc.envoyconf import EnvoyOptions, render, template_text
+from extproc.upstream import UpstreamSettings, bound_port, start_upstream
+from tests.deploy.manifests import (
+    ROOT,
+    endpoint,
+    envoy_binary,
+    envoy_validate,
+    ext_proc_filter,
+    load_all,
+    named,
+)
+
+ISTIO = ROOT / "deploy" / "istio" / "envoyfilter.yaml"
+GATEWAY = ROOT / "deploy" / "envoy-gateway" / "extension-policy.yaml"
+EXT_PROC = "envoy.filters.http.ext_proc"
+
+
+@pytest.fixture(scope="module")
+def patches() -> dict[str, dict[str, Any]]:
+    (envoy_filter,) = load_all(ISTIO)
+    assert envoy_filter["apiVersion"] == "networking.istio.io/v1alpha3"
+    assert envoy_filter["kind"] == "EnvoyFilter"
+    return {p["applyTo"]: p for p in envoy_filter["spec"]["configPatches"]}
+
+
+@pytest.fixture(scope="module")
+def bootstrap() -> dict[str, Any]:
+    config: dict[str, Any] = yaml.safe_load(template_text())
+    return config
+
+
+def test_filter_goes_before_the_router_of_the_inbound_chain(
+    patches: dict[str, dict[str, Any]],
+) -> None:
+    patch = patches["HTTP_FILTER"]
+    assert patch["match"]["context"] == "SIDECAR_INBOUND"
+    chain = patch["match"]["listener"]["filterChain"]["filter"]
+    assert chain["name"] == "envoy.filters.network.http_connection_manager"
+    assert chain["subFilter"]["name"] == "envoy.filters.http.router"
+    assert patch["patch"]["operation"] == "INSERT_BEFORE"
+    assert patch["patch"]["value"]["name"] == EXT_PROC
+
+
+def _istio_ext_proc(patches: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    config: dict[str, Any] = patches["HTTP_FILTER"]["patch"]["value"]["typed_config"]
+    return config["extension_config"]["typed_config"]  # type: ignore[no-any-return]
+
+
+def test_filter_settings_are_the_bootstraps(
+    patches: dict[str, dict[str, Any]], bootstrap: dict[str, Any]
+) -> None:
+    ours = copy.deepcopy(_istio_ext_proc(patches))
+    theirs = copy.deepcopy(ext_proc_filter(bootstrap))
+    cluster = ours.pop("grpc_service")["envoy_grpc"]["cluster_name"]
+    theirs.pop("grpc_service")
+    assert ours == theirs
+    assert cluster == patches["CLUSTER"]["patch"]["value"]["name"]
+
+
+def test_cluster_is_the_bootstraps_on_localhost(
+    patches: dict[str, dict[str, Any]], bootstrap: dict[str, Any]
+) -> None:
+    ours = copy.deepcopy(patches["CLUSTER"]["patch"]["value"])
+    theirs = copy.deepcopy(named(bootstrap["static_resources"]["clusters"], "ext_proc"))
+    assert endpoint(ours) == endpoint(theirs)
+    for cluster in (ours, theirs):
+        del cluster["name"], cluster["load_assignment"]
+    assert ours == theirs
+    assert patches["CLUSTER"]["patch"]["operation"] == "ADD"
+
+
+def test_inbound_buffer_limit_is_the_body_limit(
+    patches: dict[str, dict[str, Any]], bootstrap: dict[str, Any]
+) -> None:
+    listener = bootstrap["static_resources"]["listeners"][0]
+    value = patches["LISTENER"]["patch"]["value"]
+    assert (
+        value["per_connection_buffer_limit_bytes"] == listener["per_connection_buffer_limit_bytes"]
+    )
+
+
+def _patched_bootstrap(
+    patches: dict[str, dict[str, Any]], options: EnvoyOptions, extproc_port: int | None = None
+) -> dict[str, Any]:
+    """The rendered bootstrap with its ext_proc filter and cluster replaced by Istio's patches."""
+    config: dict[str, Any] = yaml.safe_load(render(options))
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    filters = hcm["typed_config"]["http_filters"]
+    filters[:] = [copy.deepcopy(patches["HTTP_FILTER"]["patch"]["value"]), filters[-1]]
+    hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"] = [
+        {"name": "all", "match": {"prefix": "/"}, "route": {"cluster": "llm"}}
+    ]
+    cluster = copy.deepcopy(patches["CLUSTER"]["patch"]["value"])
+    if extproc_port is not None:
+        endpoint(cluster)["socket_address"]["port_value"] = extproc_port
+    clusters = config["static_resources"]["clusters"]
+    clusters[:] = [c for c in clusters if c["name"] != "ext_proc"] + [cluster]
+    return config
+
+
+def test_patches_make_a_valid_envoy_config(
+    patches: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    config = _patched_bootstrap(patches, EnvoyOptions())
+    assert envoy_validate(yaml.safe_dump(config, sort_keys=False), tmp_path) == ""
+
+
+@pytest.fixture
+async def upstream_url() -> AsyncIterator[str]:
+    runner = await start_upstream(UpstreamSettings(), "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{bound_port(runner)}"
+    finally:
+        await runner.cleanup()
+
+
+async def _wait_ready(admin: str, process: asyncio.subprocess.Process) -> None:
+    async with httpx.AsyncClient() as client:
+        while process.returncode is None:
+            try:
+                if (await client.get(f"{admin}/ready")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.05)
+    pytest.fail("envoy exited before it was ready")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "reaches_ext_proc"),
+    [
+        pytest.param("POST", "/v1/chat/completions", True, id="chat"),
+        pytest.param("POST", "/openai/v1/chat/completions?x=1", True, id="prefixed-with-query"),
+        pytest.param("GET", "/v1/models", False, id="models"),
+        pytest.param("GET", "/v1/chat/completions", False, id="chat-get"),
+        pytest.param("POST", "/v1/chat/completions/more", False, id="longer-path"),
+    ],
+)
+async def test_matcher_sends_only_chat_completions_to_ext_proc(
+    patches: dict[str, dict[str, Any]],
+    upstream_url: str,
+    tmp_path: Path,
+    method: str,
+    path: str,
+    reaches_ext_proc: bool,
+) -> None:
+    # ext_proc points at a closed port and fails closed: a 503 proves the filter ran.
+    port, admin = free_port(), free_port()
+    options = EnvoyOptions(
+        listen_host="127.0.0.1", listen_port=port, admin_port=admin, upstream_url=upstream_url
+    )
+    config = tmp_path / "envoy.yaml"
+    bootstrap = _patched_bootstrap(patches, options, extproc_port=free_port())
+    config.write_text(yaml.safe_dump(bootstrap))
+    argv = [str(config), "--disable-hot-restart", "--log-level", "error"]
+    process = await asyncio.create_subprocess_exec(
+        envoy_binary(), "-c", *argv, stdout=asyncio.subprocess.DEVNULL
+    )
+    try:
+        await _wait_ready(f"http://127.0.0.1:{admin}", process)
+        body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
+        async with httpx.AsyncClient() as client:
+            answer = await client.request(method, f"http://127.0.0.1:{port}{path}", json=body)
+    finally:
+        process.terminate()
+        await process.wait()
+    assert (answer.status_code == 503) is reaches_ext_proc
+    reached_upstream = "x-envoy-upstream-service-time" in answer.headers
+    assert reached_upstream is not reaches_ext_proc
+
+
+@pytest.fixture(scope="module")
+def gateway() -> dict[str, dict[str, Any]]:
+    return {doc["kind"]: doc for doc in load_all(GATEWAY)}
+
+
+def test_policy_attaches_to_the_chat_route(gateway: dict[str, dict[str, Any]]) -> None:
+    policy = gateway["EnvoyExtensionPolicy"]
+    assert policy["apiVersion"] == "gateway.envoyproxy.io/v1alpha1"
+    (target,) = policy["spec"]["targetRefs"]
+    route = gateway["HTTPRoute"]
+    assert (target["kind"], target["name"]) == ("HTTPRoute", route["metadata"]["name"])
+    (rule,) = route["spec"]["rules"]
+    (match,) = rule["matches"]
+    assert match["method"] == "POST"
+    assert match["path"] == {"type": "Exact", "value": "/v1/chat/completions"}
+
+
+def test_policy_processing_matches_the_server(
+    gateway: dict[str, dict[str, Any]], bootstrap: dict[str, Any]
+) -> None:
+    (ext_proc,) = gateway["EnvoyExtensionPolicy"]["spec"]["extProc"]
+    reference = ext_proc_filter(bootstrap)
+    mode = ext_proc["processingMode"]
+    assert reference["processing_mode"]["request_body_mode"] == "BUFFERED"
+    assert mode["request"] == {"body": "Buffered"}
+    assert reference["processing_mode"]["response_header_mode"] == "SEND"
+    assert mode["response"] == {}, "response headers sent, body mode left to the server"
+    assert mode["allowModeOverride"] is reference["allow_mode_override"] is True
+    assert ext_proc["failOpen"] is reference["failure_mode_allow"] is False
+    assert ext_proc["messageTimeout"] == reference["message_timeout"]
+
+
+def test_policy_backend_is_the_extproc_service(gateway: dict[str, dict[str, Any]]) -> None:
+    (ext_proc,) = gateway["EnvoyExtensionPolicy"]["spec"]["extProc"]
+    (backend,) = ext_proc["backendRefs"]
+    service = gateway["Service"]
+    assert (backend["kind"], backend["name"]) == ("Service", service["metadata"]["name"])
+    (port,) = service["spec"]["ports"]
+    assert backend["port"] == port["port"]
+    assert port["appProtocol"] == "kubernetes.io/h2c"
+    pod = gateway["Deployment"]["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    (container,) = pod["spec"]["containers"]
+    named_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert named_ports[port["targetPort"]] == container["readinessProbe"]["grpc"]["port"]
