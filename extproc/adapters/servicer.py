@@ -133,6 +133,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             pump.close()
 
 
+# Reasons worth a warning: the request lost its accounting because something failed.
+_DEGRADED = frozenset({"dependency_error", "classify_error", "deadline_exceeded"})
+
+
 class Pump:
     """Drives one session: translate, receive, join classify when asked, translate back."""
 
@@ -145,6 +149,8 @@ class Pump:
 
     async def answer(self, message: pb.ProcessingRequest) -> pb.ProcessingResponse:
         phase, event = proto.to_event(message)
+        if phase is proto.Phase.RESPONSE_BODY:
+            self._offer_if_ready()
         step = self.session.receive(event)
         if phase is proto.Phase.REQUEST_BODY and self.session.prepared is not None:
             self._deps.metrics.request(self.session.prepared.had_markers)
@@ -197,20 +203,40 @@ class Pump:
             self._classify_failed = True
             return Classification.inactive("classify_error")
 
+    def _offer_if_ready(self) -> None:
+        """A classification that finished already is handed over without waiting."""
+        task = self._task
+        if task is not None and task.done() and self.session.wants_classification:
+            self.session.offer(self._collect(task))
+
     async def _join(self) -> Classification:
+        """The classification, waiting at most the classify deadline for it."""
         task = self._task
         if task is None:
             return Classification.inactive("no_job")
         if not task.done():
             await asyncio.wait({task}, timeout=self._deps.deadlines.classify_s)
-        if not task.done():
-            task.cancel()
-            self._deps.metrics.classify_result("deadline_exceeded")
-            result = Classification.inactive("deadline_exceeded")
-        else:
-            result = task.result()
-            self._deps.metrics.classify_result("error" if self._classify_failed else "ok")
+        if task.done():
+            return self._collect(task)
+        task.cancel()
+        self._deps.metrics.classify_result("deadline_exceeded")
+        return self._outcome(Classification.inactive("deadline_exceeded"))
+
+    def _collect(self, task: asyncio.Task[Classification]) -> Classification:
+        self._deps.metrics.classify_result("error" if self._classify_failed else "ok")
+        return self._outcome(task.result())
+
+    def _outcome(self, result: Classification) -> Classification:
         self._deps.metrics.outcome(result)
+        level = logging.WARNING if result.reason in _DEGRADED else logging.DEBUG
+        log_event(
+            log,
+            level,
+            "classified",
+            request_id=self.session.request_id,
+            outcome=result.outcome.value,
+            reason=result.reason,
+        )
         return result
 
     def _record_rejection(self, err: Exception) -> None:

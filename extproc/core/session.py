@@ -9,7 +9,9 @@ Rules:
 * a request body that is not a JSON object is forwarded untouched; invalid markers or an
   oversized body end the session with a ``Reject`` (the 400 envelope);
 * the classification is asked for only at the end of a JSON body or at the SSE usage frame,
-  never on response headers and never before an SSE event that precedes the usage frame;
+  never on response headers, and never while events before the usage frame wait in the same
+  chunk: those go out first and the usage frame is held for the next message (or offered a
+  classification that is already there);
 * SSE bytes come out exactly once, in order; only the usage frame is rewritten; a partial
   event is held back until it completes or the stream ends;
 * a committing verdict is decided only on the response's end of stream (or trailers); a
@@ -199,6 +201,7 @@ class Session:
         self.classification: Classification | None = None
         self.verdict: Verdict | None = None
         self.status = 0
+        self.request_id = ""
         self._caller = Caller(None)
         self._job: ClassifyJob | None = None
         self._job_taken = False
@@ -231,6 +234,17 @@ class Session:
         self.state = State.JSON_BODY
         return self._finish_json()
 
+    def offer(self, classification: Classification) -> None:
+        """Hand over a classification that is ready before it was asked for."""
+        if self._job is None or self.classification is not None:
+            raise SessionStateError("no classification expected")
+        self.classification = classification
+
+    @property
+    def wants_classification(self) -> bool:
+        """Whether a classification can still be used (offered or resolved)."""
+        return self._job is not None and self.classification is None and self.verdict is None
+
     def take_job(self) -> ClassifyJob | None:
         """The classify job, once, right after the request body was accepted."""
         if self._job_taken or self._job is None:
@@ -256,6 +270,7 @@ class Session:
             self.state = State.PASSTHROUGH
             return SKIP_REST
         self.is_chat = True
+        self.request_id = event.headers.get("x-request-id", "")[:128]
         self._caller = caller_from(event.headers, self.policy.caller_headers)
         self.state = State.RESPONSE_HEADERS if event.end_of_stream else State.REQUEST_BODY
         return CONTINUE
@@ -324,6 +339,8 @@ class Session:
             self.state = State.PASSTHROUGH  # Envoy did not buffer: leave it alone
             return CONTINUE
         self._chunk = event.chunk
+        if self.classification is not None:
+            return self._finish_json()
         self.state = State.AWAIT_CLASSIFICATION
         return NEED_CLASSIFICATION
 
@@ -342,9 +359,9 @@ class Session:
     def _on_sse_body(self, event: ResponseBody) -> Step:
         self._chunk, self._eos = event.chunk, event.end_of_stream
         try:
-            self._backlog = self._sse.feed(event.chunk)
+            self._backlog += self._sse.feed(event.chunk)
         except sse.EventTooLarge as err:
-            self._backlog = [sse.SseEvent(err.pending)]
+            self._backlog.append(sse.SseEvent(err.pending))
         if self._eos:
             self._backlog += self._sse.flush()
         return self._drain_sse()
@@ -353,6 +370,8 @@ class Session:
         while self._backlog:
             event = self._backlog[0]
             if event.kind is sse.Kind.USAGE and self.classification is None:
+                if self._out and not self._eos:
+                    break  # send the tokens before it now; join on the next message
                 self.state = State.AWAIT_CLASSIFICATION
                 return NEED_CLASSIFICATION
             self._out += self._emit(self._backlog.pop(0))

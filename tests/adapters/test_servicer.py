@@ -185,6 +185,26 @@ async def test_slow_classify_does_not_hold_the_first_sse_chunk(
     assert len(index.inner.commits) == 1
 
 
+async def test_tokens_sharing_a_chunk_with_the_usage_frame_are_not_held(
+    extproc_server: ServerHarness,
+) -> None:
+    index = extproc_server.ports.index
+    index.lookup_gate.clear()
+    stream = extproc_server.stream()
+    await open_chat(stream)
+    await stream.response_headers(200, "text/event-stream")
+    first = await stream.response_body(CONTENT + USAGE_FRAME)
+    assert common(first).body_mutation.body == CONTENT  # out while classify is blocked
+    assert not index.lookup_gate.is_set()
+    index.lookup_gate.set()
+    last = common(await stream.response_body(DONE, eos=True)).body_mutation.body
+    assert last.endswith(DONE)
+    assert b'"cache_creation_input_tokens":8' in last
+    await stream.finish()
+    await extproc_server.commits.drain(10)
+    assert len(index.inner.commits) == 1
+
+
 @pytest.mark.parametrize(
     "deadlines", [pytest.param(servicer.Deadlines(classify_s=0.05, commit_s=10), id="50ms")]
 )

@@ -368,9 +368,51 @@ def test_sse_every_split_point_gives_the_same_output() -> None:
         assert session.pending_commit == PENDING
 
 
+def test_sse_tokens_sharing_a_chunk_with_the_usage_frame_do_not_wait() -> None:
+    session = stream_session()
+    assert _emitted(session.receive(s.ResponseBody(sse(CHUNK, USAGE_FRAME)))) == sse(CHUNK)
+    assert session.receive(s.ResponseBody(sse(b"[DONE]"))) is s.NEED_CLASSIFICATION
+    held = _emitted(session.resolve(ACTIVE))
+    assert held.endswith(sse(b"[DONE]"))
+    assert b"cache_creation" in held
+
+
+def test_sse_usage_frame_alone_in_the_last_chunk_is_joined_there() -> None:
+    session = stream_session()
+    assert session.receive(s.ResponseBody(sse(CHUNK, USAGE_FRAME), True)) is s.NEED_CLASSIFICATION
+    assert b"cache_creation" in _emitted(session.resolve(ACTIVE))
+    assert verdict_of(session).commit
+
+
+def test_sse_offered_classification_is_used_without_asking() -> None:
+    session = stream_session()
+    assert session.wants_classification
+    session.offer(ACTIVE)
+    assert not session.wants_classification
+    first = _emitted(session.receive(s.ResponseBody(sse(CHUNK, USAGE_FRAME))))
+    assert b"cache_creation" in first
+    assert session.receive(s.ResponseBody(b"", True)) is s.CONTINUE
+    with pytest.raises(SessionStateError):
+        session.offer(ACTIVE)
+
+
+def test_json_offered_classification_is_used_without_asking() -> None:
+    session = open_chat()
+    session.receive(s.ResponseHeaders(200, "application/json"))
+    session.offer(ACTIVE)
+    assert isinstance(session.receive(s.ResponseBody(json_response(), True)), s.ReplaceBody)
+
+
+def test_offer_needs_a_job() -> None:
+    session = open_chat(headers={})
+    assert not session.wants_classification
+    with pytest.raises(SessionStateError):
+        session.offer(ACTIVE)
+
+
 def test_sse_without_end_of_stream_has_no_verdict() -> None:
     session = stream_session()
-    session.receive(s.ResponseBody(sse(CHUNK, USAGE_FRAME)))
+    assert session.receive(s.ResponseBody(sse(USAGE_FRAME))) is s.NEED_CLASSIFICATION
     session.resolve(ACTIVE)
     assert session.verdict is None
     assert session.pending_commit is None
