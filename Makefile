@@ -31,7 +31,7 @@ unit: $(STAMP)
 test: lint typecheck generated unit
 
 dev: $(STAMP)
-	$(BIN)/extproc explain examples/request.json
+	$(BIN)/extproc dev
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
