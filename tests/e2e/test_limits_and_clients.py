@@ -19,7 +19,6 @@ from tests.e2e.chat import (
     cached_request,
     exchange,
     headers,
-    marker,
     split_events,
     stream_usage,
     tag,
@@ -36,9 +35,9 @@ STACK = StackSettings(max_body_bytes=MAX_BODY)
 
 
 def _body_of_size(size: int) -> bytes:
-    """A cached request whose JSON is exactly ``size`` bytes."""
+    """A cached request whose JSON is exactly ``size`` bytes, the bulk in its uncached tail."""
     body = cached_request()
-    body["messages"].append({"role": "user", "content": [text("", marker())]})
+    body["messages"].append({"role": "user", "content": [text("")]})
     filler = size - len(codec.dumps(body))
     assert filler > 0
     body["messages"][-1]["content"][0]["text"] = ("lorem ipsum " * (filler // 12 + 1))[:filler]
@@ -53,8 +52,11 @@ def test_a_body_at_the_limit_is_processed(stack: Stack) -> None:
 
     assert result.status == 200, result.body
     assert result.upstream_body is not None
+    assert codec.loads(result.upstream_body)["messages"][-1] == codec.loads(raw)["messages"][-1]
     assert b"cache_control" not in result.upstream_body
-    assert result.json()["usage"]["cache_creation_input_tokens"] > 0
+    if stack.tokenizer is not None:
+        expected = sum(stack.tokenizer.count("demo", [SYSTEM, DOCUMENT]))
+        assert result.json()["usage"]["cache_creation_input_tokens"] == expected
 
 
 def test_a_body_above_the_limit_fails_cleanly(stack: Stack) -> None:
@@ -149,20 +151,21 @@ def slow_tokenizer(stack: Stack) -> Iterator[Any]:
 def test_first_sse_chunk_does_not_wait_for_a_slow_tokenizer(
     stack: Stack, key: str, slow_tokenizer: Any
 ) -> None:
-    # Below the server's tokenizer call timeout, well below its classify deadline: a server
-    # that held the stream for classification would release the first chunk only after this.
+    # Below the server's tokenizer call timeout and its classify deadline, so the usage frame
+    # gets the real split; a server that held the stream for classification would release
+    # the first chunk only after the tokenizer answered.
     slow_tokenizer.tokenize_delay = 0.6
     answered_before = slow_tokenizer.answered
+    answer = Answer(tag=tag(), hold_after=1)  # the rest, usage frame included, comes later
     body = codec.dumps({**cached_request(), "stream": True})
     with stack.client() as client:
-        request = client.build_request(
-            "POST", CHAT, content=body, headers=headers(key, Answer(tag=tag()))
-        )
+        request = client.build_request("POST", CHAT, content=body, headers=headers(key, answer))
         response = client.send(request, stream=True)
         try:
             chunks = response.iter_raw()
             first = next(chunks)
             answered_at_first_chunk = slow_tokenizer.answered - answered_before
+            stack.release(answer.tag)
             rest = b"".join(chunks)
         finally:
             response.close()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import signal
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from extproc.commands.health import probe
 from extproc.core import codec
 from tests.e2e.chat import (
     CHAT,
@@ -48,9 +50,18 @@ def _stop_extproc(stack: Stack) -> int:
     return code
 
 
+def _wait_until_draining(stack: Stack) -> None:
+    """Until the server stops reporting SERVING: it has begun its graceful shutdown."""
+    for _ in range(200):
+        if probe(stack.extproc_address, timeout=0.5) != "SERVING":
+            return
+        time.sleep(0.05)
+    raise AssertionError("the server kept reporting SERVING after SIGTERM")
+
+
 def test_sigterm_with_a_stream_in_flight_loses_no_commit(stack: Stack, restart: None) -> None:
     key = stack.new_key()
-    answer = Answer(tag=tag(), chunk_delay_ms=150)
+    answer = Answer(tag=tag(), hold_after=1)
     body = codec.dumps({**cached_request(), "stream": True})
     assert stack.extproc is not None
     with stack.client() as client:
@@ -60,6 +71,8 @@ def test_sigterm_with_a_stream_in_flight_loses_no_commit(stack: Stack, restart: 
             chunks = response.iter_raw()
             first = next(chunks)
             stack.extproc.signal(signal.SIGTERM)
+            _wait_until_draining(stack)
+            stack.release(answer.tag)
             rest = b"".join(chunks)
         finally:
             response.close()

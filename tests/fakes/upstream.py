@@ -34,8 +34,10 @@ from extproc.core import codec
 HEADER = "x-fake-upstream"
 CONTROL = "/__fake"
 CREATED = 1_700_000_000
-# How long a paused stream waits for the client to go away before carrying on.
+# How long a paused or held stream waits for the client to go away or a release.
 MAX_PAUSE_S = 30.0
+# Before a reset: time for the peer to read what was sent (a RST discards unread data).
+DRAIN_BEFORE_RESET_S = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +56,7 @@ class Answer:
     error_frame: bool = False  # a data: {"error": ...} frame before the finish frame
     reset_after: int | None = None  # abort the connection (TCP RST) after this many chunks
     pause_after: int | None = None  # stop after this many chunks until the client goes away
+    hold_after: int | None = None  # stop after this many chunks until POST /__fake/release
     chunk_delay_ms: int = 0  # between chunks
     sse_content_length: bool = False  # an SSE answer with content-length instead of chunked
     raw: str | None = None  # send this body verbatim instead of a chat completion
@@ -230,16 +233,21 @@ class FakeUpstream:
 
     def __post_init__(self) -> None:
         self._runner: web.AppRunner | None = None
+        self._released: dict[str, asyncio.Event] = {}
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    def _release_event(self, tag: str) -> asyncio.Event:
+        return self._released.setdefault(tag, asyncio.Event())
 
     async def start(self) -> FakeUpstream:
         app = web.Application(client_max_size=1 << 30)
         app.router.add_get(f"{CONTROL}/health", self._health)
         app.router.add_get(f"{CONTROL}/requests", self._list)
         app.router.add_delete(f"{CONTROL}/requests", self._clear)
+        app.router.add_post(f"{CONTROL}/release", self._release)
         app.router.add_route("*", "/{tail:.*}", self._serve)
         self._runner = web.AppRunner(
             app, handle_signals=False, access_log=None, shutdown_timeout=0.5
@@ -273,6 +281,10 @@ class FakeUpstream:
 
     async def _clear(self, request: web.Request) -> web.StreamResponse:
         self.records.clear()
+        return web.json_response({"ok": True})
+
+    async def _release(self, request: web.Request) -> web.StreamResponse:
+        self._release_event(request.query["tag"]).set()
         return web.json_response({"ok": True})
 
     async def _serve(self, request: web.Request) -> web.StreamResponse:
@@ -353,9 +365,12 @@ class FakeUpstream:
             if i and answer.chunk_delay_ms:
                 await asyncio.sleep(answer.chunk_delay_ms / 1000)
             if i == answer.reset_after:
+                await asyncio.sleep(DRAIN_BEFORE_RESET_S)
                 record.aborted = True
                 _reset(request)
                 return
+            if i == answer.hold_after:
+                await self._hold(answer.tag)
             if i == answer.pause_after and await _wait_for_close(request):
                 record.aborted = True
                 return
@@ -363,6 +378,15 @@ class FakeUpstream:
             record.sent.append(chunk)
         await response.write_eof()
         record.finished = True
+
+    async def _hold(self, tag: str) -> None:
+        event = self._release_event(tag)
+        try:
+            await asyncio.wait_for(event.wait(), MAX_PAUSE_S)
+        except TimeoutError:
+            pass
+        finally:
+            self._released.pop(tag, None)
 
 
 async def _wait_for_close(request: web.Request) -> bool:

@@ -210,6 +210,10 @@ class Stack:
         answer.raise_for_status()
         return [Record.from_json(r) for r in answer.json()]
 
+    def release(self, tag: str) -> None:
+        """Let a stream the upstream holds (``Answer.hold_after``) carry on."""
+        httpx.post(f"{self.upstream_url}/__fake/release", params={"tag": tag}, timeout=10)
+
     def admin(self, *args: str, stdin: str | None = None) -> str:
         """Run the admin CLI against the stack's database; return its stdout."""
         env = {**os.environ, "EXTPROC_DATABASE_URL": self.database_url}
@@ -352,6 +356,7 @@ def start_envoy(stack: Stack, settings: StackSettings, workdir: Path) -> None:
     admin_path = workdir / "envoy-admin.txt"
     argv = [ENVOY, "-c", str(config), "--disable-hot-restart", "--concurrency", "1"]
     argv += ["-l", "warning", "--admin-address-path", str(admin_path)]
+    argv += ["--file-flush-interval-msec", "100"]
     envoy = ManagedProcess("envoy", argv, dict(os.environ), workdir / "envoy.log")
     stack.processes.append(envoy)
     envoy.start()
