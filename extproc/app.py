@@ -19,7 +19,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc.adapters import postgres, servicer
@@ -92,7 +91,7 @@ class App:
 
     async def start(self, metrics: Metrics) -> None:
         """Listen (health ``NOT_SERVING``), open dependencies, then report ``SERVING``."""
-        pb_grpc.add_ExternalProcessorServicer_to_server(self._processor, self._server)
+        servicer.add_to_server(self._processor, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         await self._set_health(_NotServing)
         self.port = self._server.add_insecure_port(self.settings.listen)
@@ -112,10 +111,11 @@ class App:
 
     async def _build(self, metrics: Metrics) -> servicer.Dependencies:
         s = self.settings
-        pool = await _open_pool_retrying(s.database_url)
-        self._resources.closers.append(pool.close)
         tokenizer = build_tokenizer(s.tokenizer_url, dict(s.tokenizers))
         self._resources.closers.append(tokenizer.aclose)
+        await asyncio.to_thread(tokenizer.validate)  # a bad file fails the start, not a request
+        pool = await _open_pool_retrying(s.database_url)
+        self._resources.closers.append(pool.close)
         principals = build_principal_resolver(str(s.principal_source), pool)
         models = PgModelConfigResolver(pool)
         metrics.observe_caches(

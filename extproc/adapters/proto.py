@@ -1,7 +1,8 @@
 """Envoy ext_proc protobuf messages to session events, and session actions to replies.
 
 This is the only module that touches Envoy's ``*_pb2`` types. Every reply sets its ``response``
-oneof (an unset oneof is a spurious message to Envoy); constant replies are built once here.
+oneof (an unset oneof is a spurious message to Envoy); constant replies are built and
+serialised once, at import, and the server sends replies as bytes.
 
 Mode overrides this server sends. Envoy compares the *effective* tuple (unset header/trailer
 fields filled from the filter's ``processing_mode``, body modes taken verbatim, the request
@@ -22,16 +23,17 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
+from typing import TypeVar
 
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from google.protobuf import duration_pb2
 
 from extproc.core import session as s
 
 _Mode = processing_mode_pb2.ProcessingMode
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_R = TypeVar("_R", bytes, pb.ProcessingResponse)
 
 
 class Phase(enum.Enum):
@@ -129,14 +131,25 @@ _DECODERS: dict[Phase, Callable[[pb.ProcessingRequest], s.Event]] = {
 # ---- actions → replies ----
 
 
-def to_response(phase: Phase, action: s.Action) -> pb.ProcessingResponse:
-    """The one reply to a message of ``phase``; raises ``ProtocolError`` for a mismatch."""
+def to_reply(phase: Phase, action: s.Action) -> bytes:
+    """The serialised reply to a message of ``phase``; constant replies are serialised once."""
     if isinstance(action, s.Continue):
         return _CONTINUE[phase]
     if isinstance(action, s.SkipRest):
         return _expect(phase, Phase.REQUEST_HEADERS, _SKIP_REST)
     if isinstance(action, s.WatchResponse):
         return _expect(phase, Phase.RESPONSE_HEADERS, _WATCH[action.mode])
+    return to_response(phase, action).SerializeToString()
+
+
+def to_response(phase: Phase, action: s.Action) -> pb.ProcessingResponse:
+    """The one reply to a message of ``phase``; raises ``ProtocolError`` for a mismatch."""
+    if isinstance(action, s.Continue):
+        return _continue(phase)
+    if isinstance(action, s.SkipRest):
+        return _expect(phase, Phase.REQUEST_HEADERS, _skip_rest())
+    if isinstance(action, s.WatchResponse):
+        return _expect(phase, Phase.RESPONSE_HEADERS, _watch(action.mode))
     if isinstance(action, s.Reject):
         return _expect(phase, Phase.REQUEST_BODY, immediate(action))
     if isinstance(action, s.ReplaceBody):
@@ -144,7 +157,7 @@ def to_response(phase: Phase, action: s.Action) -> pb.ProcessingResponse:
     return emit_chunk(phase, action.data)
 
 
-def _expect(phase: Phase, wanted: Phase, reply: pb.ProcessingResponse) -> pb.ProcessingResponse:
+def _expect(phase: Phase, wanted: Phase, reply: _R) -> _R:
     if phase is not wanted:
         raise ProtocolError(f"cannot answer {phase.value} with a {wanted.value} reply")
     return reply
@@ -207,15 +220,6 @@ def immediate(action: s.Reject) -> pb.ProcessingResponse:
     return reply
 
 
-def message_timeout(milliseconds: int) -> pb.ProcessingResponse:
-    """A reply carrying only ``override_message_timeout`` (allowed once per phase)."""
-    reply = pb.ProcessingResponse()
-    reply.override_message_timeout.CopyFrom(
-        duration_pb2.Duration(seconds=milliseconds // 1000, nanos=(milliseconds % 1000) * 1_000_000)
-    )
-    return reply
-
-
 def _mode_override(
     header: _Mode.HeaderSendMode.ValueType, body: _Mode.BodySendMode.ValueType
 ) -> _Mode:
@@ -245,6 +249,6 @@ def _watch(mode: s.ResponseMode) -> pb.ProcessingResponse:
     return reply
 
 
-_CONTINUE = {phase: _continue(phase) for phase in Phase}
-_SKIP_REST = _skip_rest()
-_WATCH = {mode: _watch(mode) for mode in s.ResponseMode}
+_CONTINUE = {phase: _continue(phase).SerializeToString() for phase in Phase}
+_SKIP_REST = _skip_rest().SerializeToString()
+_WATCH = {mode: _watch(mode).SerializeToString() for mode in s.ResponseMode}

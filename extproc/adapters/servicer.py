@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from extproc.adapters import proto
 from extproc.adapters.telemetry import Metrics, log_event
@@ -31,9 +30,7 @@ from extproc.core.ports import PrefixIndex
 from extproc.core.verdict import Verdict, VetoReason
 
 log = logging.getLogger("extproc.servicer")
-_Context = grpc.aio.ServicerContext[
-    AsyncIterator[pb.ProcessingRequest], AsyncIterator[pb.ProcessingResponse]
-]
+_Context = grpc.aio.ServicerContext[pb.ProcessingRequest, bytes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +101,26 @@ class Dependencies:
     metrics: Metrics
 
 
-class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
+SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+
+def add_to_server(processor: ExternalProcessor, server: grpc.aio.Server) -> None:
+    """Register ``processor``; replies go out as the bytes ``proto`` serialised (no re-encoding)."""
+    handler = grpc.stream_stream_rpc_method_handler(
+        processor.Process,
+        request_deserializer=pb.ProcessingRequest.FromString,
+        response_serializer=_as_is,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE, {"Process": handler}),)
+    )
+
+
+def _as_is(reply: bytes) -> bytes:
+    return reply
+
+
+class ExternalProcessor:
     """``envoy.service.ext_proc.v3.ExternalProcessor``: one pump per ``Process`` stream."""
 
     def __init__(self, deps: Dependencies | None = None) -> None:
@@ -118,7 +134,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         self,
         request_iterator: AsyncIterator[pb.ProcessingRequest],
         context: _Context,
-    ) -> AsyncIterator[pb.ProcessingResponse]:
+    ) -> AsyncIterator[bytes]:
         if self._deps is None:  # abort raises: the stream ends here
             await context.abort(grpc.StatusCode.UNAVAILABLE, "extproc is starting")
         pump = Pump(self._deps)
@@ -147,7 +163,7 @@ class Pump:
         self._classify_failed = False
         self._finished = False
 
-    async def answer(self, message: pb.ProcessingRequest) -> pb.ProcessingResponse:
+    async def answer(self, message: pb.ProcessingRequest) -> bytes:
         phase, event = proto.to_event(message)
         if phase is proto.Phase.RESPONSE_BODY:
             self._offer_if_ready()
@@ -157,7 +173,7 @@ class Pump:
         self._start_classify()
         if isinstance(step, s.NeedClassification):
             step = self.session.resolve(await self._join())
-        return proto.to_response(phase, step)
+        return proto.to_reply(phase, step)
 
     def after_reply(self) -> None:
         """Record what the reply settled; schedule the commit once the verdict is known."""

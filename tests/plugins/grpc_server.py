@@ -143,7 +143,7 @@ async def extproc_server(
     reader = InMemoryMetricReader()
     deps = dependencies(fake_ports, reader, deadlines)
     server = grpc.aio.server()
-    pb_grpc.add_ExternalProcessorServicer_to_server(servicer.ExternalProcessor(deps), server)
+    servicer.add_to_server(servicer.ExternalProcessor(deps), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     address = f"127.0.0.1:{port}"
