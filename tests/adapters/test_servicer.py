@@ -155,6 +155,30 @@ async def test_bad_marker_gets_an_immediate_400(extproc_server: ServerHarness) -
     }
 
 
+@pytest.mark.parametrize(
+    "messages",
+    [
+        pytest.param([pb.ProcessingRequest()], id="no-message"),
+        pytest.param(
+            [pb.ProcessingRequest(response_body=pb.HttpBody(body=b"x", end_of_stream=True))],
+            id="body-before-headers",
+        ),
+    ],
+)
+async def test_protocol_errors_fail_the_stream(
+    extproc_server: ServerHarness, messages: list[pb.ProcessingRequest]
+) -> None:
+    stream = extproc_server.stream()
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await _send_all(stream, messages)
+    assert failed.value.code() is grpc.StatusCode.INTERNAL
+
+
+async def _send_all(stream: EnvoySide, messages: list[pb.ProcessingRequest]) -> None:
+    for message in messages:
+        await stream.send(message)
+
+
 # ---- SSE: the join happens at the usage frame only ----
 
 
