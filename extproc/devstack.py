@@ -10,14 +10,17 @@ Rules:
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import pwd
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -190,6 +193,30 @@ def pg_system_user() -> str | None:
             capture_output=True,
         )
     return PG_SYSTEM_USER
+
+
+def is_reachable_by(path: Path, user: str) -> bool:
+    """Whether ``user`` may traverse every directory above ``path``."""
+    entry = pwd.getpwnam(user)
+    for parent in path.resolve().parents:
+        mode = parent.stat()
+        if mode.st_uid == entry.pw_uid:
+            allowed = mode.st_mode & stat.S_IXUSR
+        elif mode.st_gid == entry.pw_gid:
+            allowed = mode.st_mode & stat.S_IXGRP
+        else:
+            allowed = mode.st_mode & stat.S_IXOTH
+        if not allowed:
+            return False
+    return True
+
+
+def pg_data_dir(preferred: Path, user: str | None) -> Path:
+    """``preferred``, or a stable directory under the temp dir when ``user`` cannot reach it."""
+    if user is None or is_reachable_by(preferred, user):
+        return preferred
+    tag = hashlib.sha256(str(preferred.resolve()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"extproc-dev-postgres-{tag}"
 
 
 def init_pg_data(data: Path, user: str | None) -> None:

@@ -36,6 +36,7 @@ from extproc.devstack import (
     extproc_argv,
     free_port,
     init_pg_data,
+    pg_data_dir,
     pg_system_user,
     postgres_spec,
     run_step,
@@ -49,6 +50,8 @@ DEFAULT_TOKENIZER = "tekken"
 READY_TIMEOUT_S = 60.0
 API_KEY_ENV = "EXTPROC_DEV_API_KEY"
 DATABASE = "extproc"
+# Generous for a laptop that is busy with everything else: a cold tokenizer, a loaded CPU.
+CLASSIFY_DEADLINE_MS = 1000
 # The sidecar commits a cache write just after the answer; a read may need a moment longer.
 READ_RETRY_S = 5.0
 EXAMPLE_SYSTEM_PROMPT = (
@@ -229,6 +232,7 @@ def prepare_tokenizer(source: str) -> Path:
 def start_postgres(supervisor: Supervisor, data: Path) -> str:
     """The embedded PostgreSQL on a free port; returns the URL of its ``extproc`` database."""
     user = pg_system_user()
+    data = pg_data_dir(data, user)
     init_pg_data(data, user)
     port = free_port()
     child = supervisor.start(postgres_spec(data, port, user))
@@ -271,6 +275,7 @@ def start_extproc(supervisor: Supervisor, database: str, tokenizers: str) -> tup
         "EXTPROC_TOKENIZERS": tokenizers,
         "EXTPROC_METRICS_LISTEN": metrics,
         "EXTPROC_SHUTDOWN_GRACE_S": "3",
+        "EXTPROC_CLASSIFY_DEADLINE_MS": str(CLASSIFY_DEADLINE_MS),
     }
     child = supervisor.start(ChildSpec("extproc", extproc_argv("serve"), env))
     wait_until(lambda: probe(listen, timeout=1.0) == "SERVING", child, "extproc", READY_TIMEOUT_S)
@@ -289,6 +294,7 @@ def start_envoy(
         admin_port=admin,
         upstream_url=upstream,
         extproc_address=extproc,
+        classify_deadline_ms=CLASSIFY_DEADLINE_MS,
     )
     try:
         config = workdir / "envoy.yaml"

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from extproc.commands.dev import (
     usage_problems,
 )
 from extproc.core import codec
-from extproc.devstack import free_port
+from extproc.devstack import free_port, is_reachable_by, pg_data_dir
 from extproc.upstream import load_counter
 
 STACK_TIMEOUT_S = 240
@@ -57,8 +59,19 @@ def _descendants(pid: int) -> list[psutil.Process]:
 
 
 @pytest.fixture
-def running_stack(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
-    argv = _command("--port", str(free_port()), "--workdir", str(tmp_path / "dev"))
+def workdir() -> Iterator[Path]:
+    """A work directory PostgreSQL can reach even when it runs as another user (as root)."""
+    path = Path(tempfile.mkdtemp(prefix="extproc-dev-test-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def running_stack(workdir: Path) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+    argv = _command("--port", str(free_port()), "--workdir", str(workdir))
     process = subprocess.Popen(
         argv, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -162,3 +175,16 @@ def test_curl_command_quotes_for_the_shell(key: str, header: str) -> None:
     ).stdout.splitlines()
     assert shown[shown.index("-H") + 1] == header
     assert codec.loads(shown[shown.index("-d") + 1]) == example_body("demo")
+
+
+def test_data_dir_falls_back_when_postgres_cannot_reach_it(workdir: Path) -> None:
+    hidden = workdir / "hidden"
+    (hidden / "inner").mkdir(parents=True)
+    hidden.chmod(0o700)
+    assert is_reachable_by(workdir / "data", "nobody")
+    assert not is_reachable_by(hidden / "inner" / "data", "nobody")
+    assert pg_data_dir(workdir / "data", "nobody") == workdir / "data"
+    assert pg_data_dir(workdir / "data", None) == workdir / "data"
+    fallback = pg_data_dir(hidden / "inner" / "data", "nobody")
+    assert fallback.parent == Path(tempfile.gettempdir())
+    assert fallback == pg_data_dir(hidden / "inner" / "data", "nobody")
