@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -190,3 +191,17 @@ def test_file_problems(tmp_path: Path, text: str, message: str) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         Settings.from_env({"EXTPROC_DATABASE_URL": DB}, tmp_path / "absent.toml")
+
+
+def test_serve_reports_every_problem_and_exits_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from extproc.cli import main
+
+    for name in [k for k in os.environ if k.startswith("EXTPROC_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("EXTPROC_WORKERS", "none")
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert "EXTPROC_DATABASE_URL" in err
+    assert "EXTPROC_WORKERS='none': expected an integer" in err

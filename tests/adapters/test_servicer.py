@@ -126,6 +126,23 @@ async def test_json_request_gets_four_replies_and_commits_after_eos(
     [pending] = extproc_server.ports.index.inner.commits
     assert [e.cumulative_token_count for e in pending.entries] == [8]
     assert extproc_server.counter("extproc.commit_results") == {(("result", "ok"),): 1}
+    assert extproc_server.counter("extproc.requests") == {(("markers", "true"),): 1}
+    assert extproc_server.counter("extproc.outcomes") == {
+        (("model", MODEL), ("outcome", "create_only")): 1
+    }
+    assert extproc_server.counter("extproc.tokens") == {
+        (("kind", "creation"), ("model", MODEL), ("tier", "5m")): 8
+    }
+
+
+async def test_unknown_model_is_never_a_metric_label(extproc_server: ServerHarness) -> None:
+    stream = extproc_server.stream()
+    await stream.request_headers(**bearer())
+    await stream.request_body(MARKED.replace(b'"model":"m"', b'"model":"client-typed-anything"'))
+    await stream.response_headers(200, "application/json")
+    assert is_plain_continue(await stream.response_body(JSON_ANSWER, eos=True))
+    await stream.finish()
+    assert extproc_server.counter("extproc.outcomes") == {(("outcome", "inactive"),): 1}
 
 
 async def test_non_chat_request_skips_everything_else(extproc_server: ServerHarness) -> None:
@@ -386,3 +403,45 @@ async def test_app_serves_with_the_real_database(database_url: str) -> None:
     finally:
         await app.stop()
         server.close()
+
+
+# ---- the `extproc serve` process ----
+
+
+@pytest.mark.parametrize("workers", [pytest.param(1, id="one"), pytest.param(2, id="two-workers")])
+async def test_serve_process_becomes_ready_and_stops_on_sigterm(
+    database_url: str, tmp_path: Any, workers: int
+) -> None:
+    import os
+    import signal
+    import socket
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXTPROC_")}
+    env |= {
+        "EXTPROC_LISTEN": f"127.0.0.1:{port}",
+        "EXTPROC_DATABASE_URL": database_url,
+        "EXTPROC_METRICS_LISTEN": "off",
+        "EXTPROC_WORKERS": str(workers),
+        "EXTPROC_SHUTDOWN_GRACE_S": "5",
+    }
+    log = (tmp_path / "serve.log").open("wb")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "extproc.cli", "serve", env=env, stdout=log, stderr=log
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            assert await health_of(channel, "") == "SERVING"
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        log.close()
+    lines = (tmp_path / "serve.log").read_text().splitlines()
+    assert sum('"msg":"serving"' in line for line in lines) == workers
+    assert sum('"msg":"stopped"' in line for line in lines) == workers
