@@ -139,7 +139,19 @@ def run(args: argparse.Namespace) -> int:
             print("\nextproc dev: stopping", file=sys.stderr)
             return 0
         finally:
-            supervisor.stop_all()
+            with _signals_ignored():
+                supervisor.stop_all()
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """A second Ctrl-C must not cut the shutdown short and leave children behind."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _show_logs(supervisor: Supervisor) -> None:
@@ -164,16 +176,17 @@ def _workdir(given: Path | None, temporary: bool) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM stops the stack the way Ctrl-C does."""
+    """SIGTERM and SIGINT stop the stack (SIGINT too when a shell started us ignoring it)."""
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _api_key() -> tuple[str, str]:

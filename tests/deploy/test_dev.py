@@ -72,8 +72,14 @@ def workdir() -> Iterator[Path]:
 @pytest.fixture
 def running_stack(workdir: Path) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
     argv = _command("--port", str(free_port()), "--workdir", str(workdir))
+    # A session of its own, like a job in a terminal: Ctrl-C reaches its whole process group.
     process = subprocess.Popen(
-        argv, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        argv,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     assert process.stdout is not None
     lines: list[str] = []
@@ -89,15 +95,22 @@ def running_stack(workdir: Path) -> Iterator[tuple[subprocess.Popen[str], list[s
         process.communicate(timeout=STACK_TIMEOUT_S)
 
 
-def test_sigterm_stops_every_child(
-    running_stack: tuple[subprocess.Popen[str], list[str]],
+@pytest.mark.parametrize(
+    "signum",
+    [
+        pytest.param(signal.SIGINT, id="ctrl-c"),
+        pytest.param(signal.SIGTERM, id="sigterm"),
+    ],
+)
+def test_signal_stops_every_child(
+    running_stack: tuple[subprocess.Popen[str], list[str]], signum: int
 ) -> None:
     process, lines = running_stack
     assert process.poll() is None, "".join(lines)
     children = _descendants(process.pid)
     names = " ".join(" ".join(c.cmdline()) for c in children)
     assert all(part in names for part in ("envoy", "postgres", "serve", "demo-upstream")), names
-    process.send_signal(signal.SIGTERM)
+    os.killpg(process.pid, signum)
     assert process.wait(timeout=60) == 0
     _, alive = psutil.wait_procs(children, timeout=10)
     assert alive == []
