@@ -235,10 +235,12 @@ class Pump:
         if task.done():
             return self._collect(task)
         task.cancel()
+        self._task = None
         self._deps.metrics.classify_result("deadline_exceeded")
         return self._outcome(Classification.inactive("deadline_exceeded"))
 
     def _collect(self, task: asyncio.Task[Classification]) -> Classification:
+        self._task = None
         self._deps.metrics.classify_result("error" if self._classify_failed else "ok")
         return self._outcome(task.result())
 

@@ -23,139 +23,39 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any
 
 from extproc.core import markers, request, sse, usage, verdict
 from extproc.core.errors import BodyReadError, ClientError, MarkerError, SessionStateError
 from extproc.core.model import Caller, Classification, PendingWrite, TierPolicy
+from extproc.core.phases import (
+    CONTINUE,
+    EVENT_TYPES,
+    NEED_CLASSIFICATION,
+    SKIP_REST,
+    Action,
+    Continue,
+    EmitChunk,
+    Event,
+    NeedClassification,
+    Reject,
+    ReplaceBody,
+    RequestBody,
+    RequestHeaders,
+    RequestTrailers,
+    ResponseBody,
+    ResponseHeaders,
+    ResponseMode,
+    ResponseTrailers,
+    SkipRest,
+    Step,
+    WatchResponse,
+)
 from extproc.core.request import Prepared
-from extproc.core.verdict import ResponseFacts, Verdict, VetoReason
+from extproc.core.verdict import ResponseFacts, Verdict
 
 CHAT_SUFFIX = "/chat/completions"
 SSE_TYPE = "text/event-stream"
-
-# ---- events (what Envoy sent) ----
-
-
-@dataclass(frozen=True, slots=True)
-class RequestHeaders:
-    path: str
-    method: str
-    headers: Mapping[str, str] = field(default_factory=dict)
-    end_of_stream: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class RequestBody:
-    body: bytes
-    end_of_stream: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class RequestTrailers:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class ResponseHeaders:
-    status: int
-    content_type: str = ""
-    end_of_stream: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class ResponseBody:
-    chunk: bytes
-    end_of_stream: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class ResponseTrailers:
-    pass
-
-
-EVENT_TYPES = (
-    RequestHeaders,
-    RequestBody,
-    RequestTrailers,
-    ResponseHeaders,
-    ResponseBody,
-    ResponseTrailers,
-)
-Event = (
-    RequestHeaders
-    | RequestBody
-    | RequestTrailers
-    | ResponseHeaders
-    | ResponseBody
-    | ResponseTrailers
-)
-
-# ---- actions (how to answer it) ----
-
-
-class Continue(enum.Enum):
-    """Answer the message unchanged."""
-
-    CONTINUE = "continue"
-
-
-class SkipRest(enum.Enum):
-    """Answer ``Continue`` and tell Envoy to send nothing more for this request."""
-
-    SKIP_REST = "skip_rest"
-
-
-class NeedClassification(enum.Enum):
-    """No answer yet: join the classification and hand it to ``Session.resolve``."""
-
-    NEED_CLASSIFICATION = "need_classification"
-
-
-CONTINUE: Final = Continue.CONTINUE
-SKIP_REST: Final = SkipRest.SKIP_REST
-NEED_CLASSIFICATION: Final = NeedClassification.NEED_CLASSIFICATION
-
-
-@dataclass(frozen=True, slots=True)
-class ReplaceBody:
-    """Replace a whole buffered body (request or JSON response); content-length follows it."""
-
-    body: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Reject:
-    """Answer the client directly (the 400 envelope); the request is never forwarded."""
-
-    status: int
-    body: bytes
-    details: str
-
-
-class ResponseMode(enum.Enum):
-    """How Envoy should send the response body (a response-headers mode override)."""
-
-    BUFFERED = "buffered"
-    STREAMED = "streamed"
-
-
-@dataclass(frozen=True, slots=True)
-class WatchResponse:
-    """Continue, and switch the response body to ``mode`` (STREAMED drops content-length)."""
-
-    mode: ResponseMode
-
-
-@dataclass(frozen=True, slots=True)
-class EmitChunk:
-    """Replace this streamed chunk with ``data`` (empty: hold everything back for now)."""
-
-    data: bytes
-
-
-Action = Continue | SkipRest | ReplaceBody | Reject | WatchResponse | EmitChunk
-Step = Action | NeedClassification
 
 
 @dataclass(frozen=True, slots=True)
@@ -441,11 +341,6 @@ def caller_from(headers: Mapping[str, str], keep: frozenset[str]) -> Caller:
     return Caller(bearer_token(headers.get("authorization")), kept)
 
 
-def no_end_of_stream() -> Verdict:
-    """The verdict of a session whose stream ended before the response did."""
-    return Verdict(commit=False, veto=VetoReason.NO_END_OF_STREAM)
-
-
 _PASS_ALL: dict[type, _Handler] = dict.fromkeys(EVENT_TYPES, Session._on_passthrough)
 
 # Which event each state accepts, and who handles it; everything else is a protocol error.
@@ -466,3 +361,38 @@ _TABLE: dict[State, dict[type, _Handler]] = {
     State.PASSTHROUGH: _PASS_ALL,
     State.DONE: {},
 }
+
+__all__ = [
+    "CHAT_SUFFIX",
+    "CONTINUE",
+    "EVENT_TYPES",
+    "NEED_CLASSIFICATION",
+    "SKIP_REST",
+    "SSE_TYPE",
+    "Action",
+    "ClassifyJob",
+    "Continue",
+    "EmitChunk",
+    "Event",
+    "NeedClassification",
+    "Reject",
+    "ReplaceBody",
+    "RequestBody",
+    "RequestHeaders",
+    "RequestTrailers",
+    "ResponseBody",
+    "ResponseHeaders",
+    "ResponseMode",
+    "ResponseTrailers",
+    "Session",
+    "SessionPolicy",
+    "SkipRest",
+    "State",
+    "Step",
+    "WatchResponse",
+    "bearer_token",
+    "caller_from",
+    "is_chat_request",
+    "is_success",
+    "media_type",
+]
