@@ -78,7 +78,9 @@ class Metrics:
             return
         model = {"model": classification.model}
         if split.read:
-            self._tokens.add(split.read, {**model, "kind": "read", "tier": "any"})
+            self._tokens.add(
+                split.read, {**model, "kind": "read", "tier": _read_tier(classification)}
+            )
         for tier in Tier:
             if split.created(tier):
                 self._tokens.add(
@@ -115,6 +117,13 @@ class Metrics:
             yield
         finally:
             self._durations[name].record(time.perf_counter() - start)
+
+
+def _read_tier(classification: Classification) -> str:
+    """The tier of the entry that was read (its refresh), ``unknown`` when not recorded."""
+    pending = classification.pending
+    refresh = pending.refresh if pending is not None else None
+    return refresh.tier.value if refresh is not None else "unknown"
 
 
 def _model_attrs(classification: Classification, **attrs: str) -> dict[str, str]:
