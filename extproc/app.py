@@ -34,7 +34,7 @@ from extproc.adapters.telemetry import (
 from extproc.adapters.tokenizers import build_tokenizer
 from extproc.config import HostPort, PrincipalKind, Settings
 from extproc.core.classify import ClassifyPorts
-from extproc.core.errors import DependencyError
+from extproc.core.errors import DependencyError, ExtprocError
 from extproc.core.session import SessionPolicy
 
 log = logging.getLogger("extproc.app")
@@ -44,6 +44,10 @@ HEALTH_SERVICES = ("", SERVICE_NAME)
 POOL_RETRY_S = 1.0
 _Serving = health_pb2.HealthCheckResponse.SERVING
 _NotServing = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class ListenError(ExtprocError):
+    """The server cannot bind its listen address (in use, no permission, bad path)."""
 
 
 Builder = Callable[[Metrics], Awaitable[servicer.Dependencies]]
@@ -94,13 +98,19 @@ class App:
         servicer.add_to_server(self._processor, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         await self._set_health(_NotServing)
-        self.port = self._server.add_insecure_port(self.settings.listen)
+        self.port = self._listen()
         await self._server.start()
         deps = await (self._builder or self._build)(metrics)
         self._commits = deps.commits
         self._processor.ready(deps)
         await self._set_health(_Serving)
         log_event(log, logging.INFO, "serving", address=self.address, port=self.port)
+
+    def _listen(self) -> int:
+        try:
+            return self._server.add_insecure_port(self.settings.listen)
+        except RuntimeError as err:  # grpc's only report of a failed bind
+            raise ListenError(f"cannot listen on {self.settings.listen}: {err}") from err
 
     @property
     def address(self) -> str:

@@ -445,3 +445,23 @@ async def test_serve_process_becomes_ready_and_stops_on_sigterm(
     lines = (tmp_path / "serve.log").read_text().splitlines()
     assert sum('"msg":"serving"' in line for line in lines) == workers
     assert sum('"msg":"stopped"' in line for line in lines) == workers
+
+
+async def test_a_taken_port_is_a_clear_error() -> None:
+    import socket
+
+    from extproc.adapters.telemetry import start_metrics
+    from extproc.app import ListenError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        app = App(Settings(listen=f"127.0.0.1:{port}", database_url="postgresql://x"))
+        metrics, server = start_metrics(None, 0)
+        try:
+            with pytest.raises(ListenError, match=f"cannot listen on 127.0.0.1:{port}"):
+                await app.start(metrics)
+        finally:
+            await app.stop()
+            server.close()
