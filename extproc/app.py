@@ -91,6 +91,11 @@ class App:
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 1 if self._reuse_port else 0),
+            # Envoy keeps its ext_proc connections alive with HTTP/2 pings (every 30 s in the
+            # provided configs), idle ones too: accept them instead of answering too_many_pings.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.http2.max_ping_strikes", 0),
         ]
 
     async def start(self, metrics: Metrics) -> None:
