@@ -25,11 +25,9 @@ from tests.e2e.chat import (
     usage_of,
     wait_for_read,
 )
-from tests.plugins.stack import Stack, StackSettings
+from tests.plugins.stack import Stack
 
 pytestmark = pytest.mark.e2e
-
-STACK = StackSettings(extra_env=(("EXTPROC_ENABLED_TTLS", "5m,1h"),))
 
 
 def _counts(stack: Stack) -> tuple[int, int]:
@@ -179,7 +177,6 @@ REJECTIONS = [
     pytest.param({"type": "ephemeral", "ttl": 5}, "malformed_cache_control", id="ttl-not-string"),
     pytest.param({"type": "persistent"}, "unsupported_type", id="unsupported-type"),
     pytest.param({"type": "ephemeral", "ttl": "2h"}, "invalid_ttl", id="invalid-ttl"),
-    pytest.param({"type": "ephemeral", "ttl": "24h"}, "tier_disabled", id="tier-disabled"),
 ]
 
 
@@ -198,8 +195,22 @@ def test_bad_markers_get_a_400_and_never_reach_the_upstream(
     result = exchange(stack, body, stack.new_key())
 
     _assert_rejected(result, reason)
-    if reason == "tier_disabled":
-        assert "available tiers: 5m, 1h" in result.json()["error"]["message"]
+
+
+def test_a_disabled_tier_gets_a_400_naming_the_available_ones(stack: Stack) -> None:
+    enabled = [t.strip() for t in stack.enabled_ttls.split(",")]
+    disabled = [t for t in ("5m", "1h", "24h") if t not in enabled]
+    if not disabled:
+        pytest.skip("every tier is enabled on this stack")
+    body = {
+        "model": "demo",
+        "messages": [{"role": "user", "content": [text("hi", marker(disabled[0]))]}],
+    }
+    result = exchange(stack, body, stack.new_key())
+
+    _assert_rejected(result, "tier_disabled")
+    available = ", ".join(t for t in ("5m", "1h", "24h") if t in enabled)
+    assert f"available tiers: {available}" in result.json()["error"]["message"]
 
 
 def test_too_many_breakpoints_get_a_400(stack: Stack) -> None:

@@ -30,8 +30,7 @@ from tests.plugins.stack import Stack, StackSettings
 
 pytestmark = pytest.mark.e2e
 
-MAX_BODY = 256 * 1024
-STACK = StackSettings(max_body_bytes=MAX_BODY)
+STACK = StackSettings(max_body_bytes=256 * 1024)
 
 
 def _body_of_size(size: int) -> bytes:
@@ -47,7 +46,7 @@ def _body_of_size(size: int) -> bytes:
 
 
 def test_a_body_at_the_limit_is_processed(stack: Stack) -> None:
-    raw = _body_of_size(MAX_BODY)
+    raw = _body_of_size(stack.max_body_bytes)
     result = exchange(stack, raw, stack.new_key())
 
     assert result.status == 200, result.body
@@ -60,7 +59,7 @@ def test_a_body_at_the_limit_is_processed(stack: Stack) -> None:
 
 
 def test_a_body_above_the_limit_fails_cleanly(stack: Stack) -> None:
-    raw = _body_of_size(MAX_BODY + 4096)
+    raw = _body_of_size(stack.max_body_bytes + 4096)
     result = exchange(stack, raw, stack.new_key())
 
     assert result.upstream_body is None

@@ -111,6 +111,8 @@ def test_fail_open_variant_forwards_unprocessed_when_the_server_is_down(
         upstream_url=stack.upstream_url,
         database_url=stack.database_url,
         principal_source=stack.principal_source,
+        max_body_bytes=stack.max_body_bytes,
+        enabled_ttls=stack.enabled_ttls,
         extproc_address=stack.extproc_address,
     )
     workdir = Path(tempfile.mkdtemp(prefix="extproc-e2e-open-"))

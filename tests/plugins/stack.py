@@ -65,6 +65,8 @@ class StackSettings:
     principal_source: str = "key_hash"
     classify_deadline_ms: int = 5000
     max_body_bytes: int = 256 * 1024
+    # The 24h tier stays disabled so the tier_disabled rejection can be seen.
+    enabled_ttls: str = "5m,1h"
     shutdown_grace_s: float = 15.0
     fail_open: bool = False
     extra_env: tuple[tuple[str, str], ...] = ()
@@ -187,6 +189,8 @@ class Stack:
     upstream_url: str
     database_url: str
     principal_source: str
+    max_body_bytes: int
+    enabled_ttls: str
     envoy_admin_url: str | None = None
     tokenizer: RecordingTokenizer | None = None
     extproc: ManagedProcess | None = None
@@ -281,20 +285,25 @@ def _module_database(server: PgServer, name: str) -> Iterator[str]:
             )
 
 
-def _external_stack() -> Stack:
+def _external_stack(settings: StackSettings) -> Stack:
     upstream = os.environ.get("EXTPROC_E2E_UPSTREAM_URL", "")
     database = os.environ.get("EXTPROC_E2E_DATABASE_URL", "")
     if not upstream or not database:
         pytest.fail(
             f"{STACK_URL_ENV} also needs EXTPROC_E2E_UPSTREAM_URL and EXTPROC_E2E_DATABASE_URL"
         )
-    return Stack(
+    stack = Stack(
         url=os.environ[STACK_URL_ENV].rstrip("/"),
         upstream_url=upstream.rstrip("/"),
         database_url=database,
         principal_source=os.environ.get("EXTPROC_E2E_PRINCIPAL_SOURCE", "api_keys"),
+        max_body_bytes=int(os.environ.get("EXTPROC_E2E_MAX_BODY_BYTES", str(8 << 20))),
+        enabled_ttls=os.environ.get("EXTPROC_E2E_ENABLED_TTLS", "5m,1h,24h"),
         envoy_admin_url=os.environ.get("EXTPROC_E2E_ENVOY_ADMIN_URL") or None,
     )
+    for alias, floor in settings.models:
+        stack.admin("models", "enable", alias, "--min-prefix-tokens", str(floor))
+    return stack
 
 
 def _extproc_env(
@@ -309,6 +318,7 @@ def _extproc_env(
             "EXTPROC_TOKENIZER_URL": tokenizer_url,
             "EXTPROC_CLASSIFY_DEADLINE_MS": str(settings.classify_deadline_ms),
             "EXTPROC_MAX_BODY_BYTES": str(settings.max_body_bytes),
+            "EXTPROC_ENABLED_TTLS": settings.enabled_ttls,
             "EXTPROC_METRICS_LISTEN": "off",
             "EXTPROC_SHUTDOWN_GRACE_S": str(settings.shutdown_grace_s),
             "EXTPROC_LOG_LEVEL": "INFO",
@@ -386,6 +396,8 @@ def _local_stack(
         upstream_url=upstream.url,
         database_url=database_url,
         principal_source=settings.principal_source,
+        max_body_bytes=settings.max_body_bytes,
+        enabled_ttls=settings.enabled_ttls,
         tokenizer=tokenizer,
         extproc=extproc,
         processes=[extproc],
@@ -402,10 +414,10 @@ def _local_stack(
 @pytest.fixture(scope="module")
 def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
     """The stack for this module (see the module docstring)."""
-    if os.environ.get(STACK_URL_ENV):
-        yield _external_stack()
-        return
     settings: StackSettings = getattr(request.module, "STACK", StackSettings())
+    if os.environ.get(STACK_URL_ENV):
+        yield _external_stack(settings)
+        return
     server: PgServer = request.getfixturevalue("pg_server")
     name = request.module.__name__.rsplit(".", 1)[-1]
     workdir = Path(tempfile.mkdtemp(prefix="extproc-e2e-"))
