@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 import httpx
 import psycopg
 import pytest
+import yaml
 from aiohttp import web
 from psycopg import sql
 
@@ -70,6 +71,8 @@ class StackSettings:
     shutdown_grace_s: float = 15.0
     fail_open: bool = False
     extra_env: tuple[tuple[str, str], ...] = ()
+    # Changes the rendered Envoy bootstrap (parsed) before Envoy starts, e.g. to add filters.
+    envoy_patch: Callable[[dict[str, Any]], None] | None = None
 
 
 def free_port() -> int:
@@ -362,7 +365,12 @@ def start_envoy(stack: Stack, settings: StackSettings, workdir: Path) -> None:
         fail_open=settings.fail_open,
     )
     config = workdir / "envoy.yaml"
-    config.write_text(render(options))
+    text = render(options)
+    if settings.envoy_patch is not None:
+        parsed = yaml.safe_load(text)
+        settings.envoy_patch(parsed)
+        text = yaml.safe_dump(parsed, sort_keys=False)
+    config.write_text(text)
     admin_path = workdir / "envoy-admin.txt"
     argv = [ENVOY, "-c", str(config), "--disable-hot-restart", "--concurrency", "1"]
     argv += ["-l", "warning", "--admin-address-path", str(admin_path)]
