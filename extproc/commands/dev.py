@@ -12,22 +12,19 @@ import argparse
 import contextlib
 import os
 import secrets
-import shlex
 import shutil
 import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 import httpx
 
 from extproc.commands.health import probe
-from extproc.core import codec
 from extproc.devstack import (
     ChildSpec,
     DevStackError,
@@ -35,13 +32,11 @@ from extproc.devstack import (
     envoy_binary,
     extproc_argv,
     free_port,
-    init_pg_data,
-    pg_data_dir,
-    pg_system_user,
-    postgres_spec,
     run_step,
+    start_postgres,
     wait_until,
 )
+from extproc.quickstart import check, curl_command
 
 DEFAULT_WORKDIR = Path(".extproc-dev")
 DEFAULT_MODEL = "demo"
@@ -49,18 +44,8 @@ DEFAULT_MIN_PREFIX_TOKENS = 32
 DEFAULT_TOKENIZER = "tekken"
 READY_TIMEOUT_S = 60.0
 API_KEY_ENV = "EXTPROC_DEV_API_KEY"
-DATABASE = "extproc"
 # Generous for a laptop that is busy with everything else: a cold tokenizer, a loaded CPU.
 CLASSIFY_DEADLINE_MS = 1000
-# The sidecar commits a cache write just after the answer; a read may need a moment longer.
-READ_RETRY_S = 5.0
-EXAMPLE_SYSTEM_PROMPT = (
-    "You are the support assistant of a small bicycle repair shop. Answer in plain language, "
-    "in at most three sentences, and never invent prices. The shop is open Monday to Friday "
-    "from nine to six and on Saturday from ten to two. Repairs are done in the order the bikes "
-    "arrive: a standard service takes two working days, a wheel rebuild three. We repair city, "
-    "road and cargo bikes, but not electric motors. Bikes are picked up at the back door."
-)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -122,13 +107,13 @@ class Endpoints:
 
 
 def run(args: argparse.Namespace) -> int:
-    with _workdir(args.workdir, args.check) as workdir, _sigterm_interrupts():
+    with _workdir(args.workdir, args.check) as workdir, _signals_handled(_interrupt):
         supervisor = Supervisor(workdir / "logs")
         try:
             endpoints = start_stack(args, workdir, supervisor)
             key, shown = _api_key()
             if args.check:
-                return check(endpoints, args.model, key)
+                return check(endpoints.url, args.model, key)
             print_ready(endpoints, args, shown)
             return watch(supervisor)
         except DevStackError as exc:
@@ -139,19 +124,22 @@ def run(args: argparse.Namespace) -> int:
             print("\nextproc dev: stopping", file=sys.stderr)
             return 0
         finally:
-            with _signals_ignored():
+            # A second Ctrl-C must not cut the shutdown short and leave children behind.
+            with _signals_handled(signal.SIG_IGN):
                 supervisor.stop_all()
 
 
 @contextlib.contextmanager
-def _signals_ignored() -> Iterator[None]:
-    """A second Ctrl-C must not cut the shutdown short and leave children behind."""
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+def _signals_handled(
+    handler: signal.Handlers | Callable[[int, FrameType | None], None],
+) -> Iterator[None]:
+    """SIGINT and SIGTERM go to ``handler`` inside the block."""
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _show_logs(supervisor: Supervisor) -> None:
@@ -174,19 +162,9 @@ def _workdir(given: Path | None, temporary: bool) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM and SIGINT stop the stack (SIGINT too when a shell started us ignoring it)."""
-
-    def interrupt(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM stops the stack like Ctrl-C; so does SIGINT when a shell started us ignoring it."""
+    raise KeyboardInterrupt
 
 
 def _api_key() -> tuple[str, str]:
@@ -214,7 +192,9 @@ def start_stack(args: argparse.Namespace, workdir: Path, supervisor: Supervisor)
     with _step("tokenizer ready"):
         tokenizer = prepare_tokenizer(args.tokenizer)
     with _step("PostgreSQL ready"):
-        database = args.database_url or start_postgres(supervisor, workdir / "postgres")
+        database = args.database_url or start_postgres(
+            supervisor, workdir / "postgres", READY_TIMEOUT_S
+        )
     env = {**_base_env(), "EXTPROC_DATABASE_URL": database}
     enable = ("models", "enable", args.model, "--min-prefix-tokens", str(args.min_prefix_tokens))
     with _step(f"schema migrated, model {args.model!r} enabled"):
@@ -240,32 +220,6 @@ def prepare_tokenizer(source: str) -> Path:
         return cached_tokenizer_json(source)
     except TokenizerSourceError as exc:
         raise DevStackError(f"tokenizer: {exc}") from None
-
-
-def start_postgres(supervisor: Supervisor, data: Path) -> str:
-    """The embedded PostgreSQL on a free port; returns the URL of its ``extproc`` database."""
-    user = pg_system_user()
-    data = pg_data_dir(data, user)
-    init_pg_data(data, user)
-    port = free_port()
-    child = supervisor.start(postgres_spec(data, port, user))
-    admin = f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    wait_until(lambda: _create_database(admin), child, "PostgreSQL", READY_TIMEOUT_S)
-    return f"postgresql://postgres@127.0.0.1:{port}/{DATABASE}"
-
-
-def _create_database(admin_url: str) -> bool:
-    import psycopg
-    from psycopg import sql
-
-    try:
-        with psycopg.connect(admin_url, autocommit=True, connect_timeout=2) as conn:
-            found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,))
-            if found.fetchone() is None:
-                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
-    except psycopg.OperationalError:
-        return False
-    return True
 
 
 def start_demo_upstream(supervisor: Supervisor, model: str, tokenizer: Path) -> str:
@@ -318,7 +272,8 @@ def start_envoy(
     child = supervisor.start(ChildSpec("envoy", (*argv, "--concurrency", "2")))
     ready = f"http://127.0.0.1:{admin}/ready"
     wait_until(lambda: _http_ok(ready), child, "Envoy", READY_TIMEOUT_S)
-    return f"http://{'localhost' if host in ('127.0.0.1', '0.0.0.0') else host}:{port}"
+    shown = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"
 
 
 def _http_ok(url: str) -> bool:
@@ -326,34 +281,6 @@ def _http_ok(url: str) -> bool:
         return httpx.get(url, timeout=1.0).status_code == 200
     except httpx.HTTPError:
         return False
-
-
-def example_body(model: str) -> dict[str, Any]:
-    """A request whose system prompt is marked for caching and is long enough to be cached."""
-    marker = {"type": "ephemeral", "ttl": "5m"}
-    system = {"type": "text", "text": EXAMPLE_SYSTEM_PROMPT, "cache_control": marker}
-    return {
-        "model": model,
-        "max_tokens": 64,
-        "messages": [
-            {"role": "system", "content": [system]},
-            {"role": "user", "content": "When can I pick up my bike if I bring it on Monday?"},
-        ],
-    }
-
-
-def curl_command(url: str, key_shown: str, model: str) -> str:
-    """A ready-to-paste curl for the example request."""
-    auth = shlex.quote(f"Authorization: Bearer {key_shown}")
-    if key_shown.startswith("$"):
-        auth = f'"Authorization: Bearer {key_shown}"'
-    body = shlex.quote(codec.dumps(example_body(model)).decode())
-    return (
-        f"curl -s {url}/v1/chat/completions \\\n"
-        f"  -H {auth} \\\n"
-        "  -H 'Content-Type: application/json' \\\n"
-        f"  -d {body}"
-    )
 
 
 def print_ready(endpoints: Endpoints, args: argparse.Namespace, key_shown: str) -> None:
@@ -382,58 +309,3 @@ def watch(supervisor: Supervisor) -> int:
             print(f"extproc dev: {exited.name} exited:\n{exited.tail()}", file=sys.stderr)
             return 1
         time.sleep(0.5)
-
-
-def check(endpoints: Endpoints, model: str, key: str) -> int:
-    """Send the example twice; 0 when the first writes the cache and the second reads it."""
-    first = _send(endpoints.url, model, key)
-    print("first usage: " + codec.dumps(first).decode(), flush=True)
-    second = _send_until_read(endpoints.url, model, key)
-    print("second usage: " + codec.dumps(second).decode(), flush=True)
-    problems = usage_problems(first, second)
-    for problem in problems:
-        print(f"check failed: {problem}", file=sys.stderr)
-    if not problems:
-        print("check passed: the first request wrote the cache, the second read it")
-    return 1 if problems else 0
-
-
-def _send(url: str, model: str, key: str) -> dict[str, Any]:
-    headers = {"Authorization": f"Bearer {key}"}
-    try:
-        answer = httpx.post(
-            f"{url}/v1/chat/completions", json=example_body(model), headers=headers, timeout=60
-        )
-    except httpx.HTTPError as exc:
-        raise DevStackError(f"request through Envoy failed: {exc}") from None
-    if answer.status_code != 200:
-        raise DevStackError(f"request through Envoy: HTTP {answer.status_code}: {answer.text}")
-    usage = codec.loads(answer.content).get("usage")
-    if not isinstance(usage, dict):
-        raise DevStackError(f"the answer has no usage object: {answer.text}")
-    return usage
-
-
-def _send_until_read(url: str, model: str, key: str) -> dict[str, Any]:
-    deadline = time.monotonic() + READ_RETRY_S
-    while True:
-        usage = _send(url, model, key)
-        if usage.get("cache_read_input_tokens") or time.monotonic() > deadline:
-            return usage
-        time.sleep(0.2)
-
-
-def usage_problems(first: Mapping[str, Any], second: Mapping[str, Any]) -> list[str]:
-    """What is wrong with a write-then-read pair of usage objects (empty when nothing is)."""
-    written = first.get("cache_creation_input_tokens")
-    problems = []
-    if not isinstance(written, int) or written <= 0:
-        problems.append(f"first request: expected a cache write, got {written!r}")
-    if first.get("cache_read_input_tokens") != 0:
-        problems.append("first request: expected no cache read")
-    read = second.get("cache_read_input_tokens")
-    if not read or read != written:
-        problems.append(f"second request: expected a read of {written!r} tokens, got {read!r}")
-    if second.get("cache_creation_input_tokens") != 0:
-        problems.append("second request: expected no cache write")
-    return problems

@@ -16,16 +16,10 @@ from typing import Any
 import psutil
 import pytest
 
-from extproc.commands.dev import (
-    DEFAULT_MIN_PREFIX_TOKENS,
-    DEFAULT_TOKENIZER,
-    curl_command,
-    example_body,
-    prepare_tokenizer,
-    usage_problems,
-)
+from extproc.commands.dev import DEFAULT_MIN_PREFIX_TOKENS, DEFAULT_TOKENIZER, prepare_tokenizer
 from extproc.core import codec
 from extproc.devstack import free_port, is_reachable_by, pg_data_dir
+from extproc.quickstart import curl_command, example_body, usage_problems
 from extproc.upstream import load_counter
 
 STACK_TIMEOUT_S = 240
