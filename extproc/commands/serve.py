@@ -6,8 +6,11 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from extproc.config import ConfigError, Settings
+from extproc.core import codec
+from extproc.core.model import Tier
 
 EXIT_CONFIG = 2
 
@@ -22,6 +25,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "stops it gracefully.",
     )
     parser.add_argument("--config", type=Path, default=None, help="TOML settings file")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the settings, print them (without secrets) and exit",
+    )
     parser.set_defaults(func=run)
 
 
@@ -31,7 +39,42 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"extproc serve: {err}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.check:
+        sys.stdout.write(codec.pretty(describe(settings)).decode())
+        return 0
     from extproc import app
 
     app.main(settings)
     return 0
+
+
+def describe(settings: Settings) -> dict[str, object]:
+    """The effective settings for people; the database URL is reduced to its host and name."""
+    return {
+        "listen": settings.listen,
+        "database": redact_url(settings.database_url),
+        "enabled_ttls": [t.value for t in Tier if t in settings.tiers.enabled],
+        "default_ttl": settings.tiers.default.value,
+        "principal_source": str(settings.principal_source),
+        "tokenizer_url": settings.tokenizer_url,
+        "tokenizers": dict(settings.tokenizers),
+        "classify_deadline_ms": settings.classify_deadline_ms,
+        "commit_deadline_ms": settings.commit_deadline_ms,
+        "max_body_bytes": settings.max_body_bytes,
+        "grpc_message_limit": settings.grpc_message_limit,
+        "metrics_listen": str(settings.metrics_listen) if settings.metrics_listen else "off",
+        "shutdown_grace_s": settings.shutdown_grace_s,
+        "workers": settings.workers,
+        "log_level": settings.log_level,
+        "sweep_interval_s": settings.sweep_interval_s,
+    }
+
+
+def redact_url(url: str) -> str:
+    """``postgresql://user:secret@host:5432/db`` → ``postgresql://host:5432/db``."""
+    parts = urlsplit(url)
+    if not parts.scheme:
+        return "<libpq settings>"
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit(parts._replace(netloc=netloc, query=""))

@@ -15,6 +15,7 @@ from extproc.config import (
     PrincipalSource,
     Settings,
 )
+from extproc.core import codec
 from extproc.core.model import Tier, TierPolicy
 
 DB = "postgresql://extproc@127.0.0.1:5432/extproc"
@@ -205,3 +206,20 @@ def test_serve_reports_every_problem_and_exits_2(
     err = capsys.readouterr().err
     assert "EXTPROC_DATABASE_URL" in err
     assert "EXTPROC_WORKERS='none': expected an integer" in err
+
+
+def test_serve_check_prints_settings_without_secrets(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from extproc.cli import main
+
+    for name in [k for k in os.environ if k.startswith("EXTPROC_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("EXTPROC_DATABASE_URL", "postgresql://u:s3cret@db:5432/x?password=p")
+    monkeypatch.setenv("EXTPROC_ENABLED_TTLS", "1h,5m")
+    assert main(["serve", "--check"]) == 0
+    out = capsys.readouterr().out
+    shown = codec.loads(out)
+    assert shown["database"] == "postgresql://db:5432/x"
+    assert shown["enabled_ttls"] == ["5m", "1h"]
+    assert "s3cret" not in out
