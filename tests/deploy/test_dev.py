@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shlex
 import shutil
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from asyncio.subprocess import PIPE, STDOUT
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from extproc.commands.dev import DEFAULT_MIN_PREFIX_TOKENS, DEFAULT_TOKENIZER, p
 from extproc.core import codec
 from extproc.devstack import free_port, is_reachable_by, pg_data_dir
 from extproc.quickstart import curl_command, example_body, usage_problems
-from extproc.upstream import load_counter
+from extproc.upstream import UpstreamSettings, bound_port, load_counter, start_upstream
 
 STACK_TIMEOUT_S = 240
 
@@ -46,6 +48,23 @@ def test_check_proves_write_then_read(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "check passed" in done.stdout
     assert not list(tmp_path.iterdir()), "--check leaves nothing behind in the working directory"
+
+
+async def test_check_through_a_given_upstream(tmp_path: Path) -> None:
+    runner = await start_upstream(UpstreamSettings(models=("other",)), "127.0.0.1", 0)
+    try:
+        url = f"http://127.0.0.1:{bound_port(runner)}"
+        argv = _command(
+            "--check", "--port", str(free_port()), "--upstream", url, "--model", "other"
+        )
+        process = await asyncio.create_subprocess_exec(
+            *argv, cwd=tmp_path, env=_env(), stdout=PIPE, stderr=STDOUT
+        )
+        output, _ = await asyncio.wait_for(process.communicate(), STACK_TIMEOUT_S)
+    finally:
+        await runner.cleanup()
+    assert process.returncode == 0, output.decode()
+    assert b"check passed" in output
 
 
 def _descendants(pid: int) -> list[psutil.Process]:
