@@ -129,9 +129,12 @@ def test_stream_options_are_kept_and_include_usage_forced(stack: Stack) -> None:
 
 SPLITS = [
     pytest.param(Answer(), id="one-frame-per-chunk"),
-    pytest.param(Answer(split="awkward"), id="split-inside-data-and-usage"),
-    pytest.param(Answer(split="awkward", crlf=True), id="crlf-split-between-cr-and-lf"),
-    pytest.param(Answer(split="bytes:7", crlf=True), id="seven-byte-chunks"),
+    # Small pauses so Envoy reads (and the server gets) the pieces as separate chunks.
+    pytest.param(Answer(split="awkward", chunk_delay_ms=5), id="split-inside-data-and-usage"),
+    pytest.param(
+        Answer(split="awkward", crlf=True, chunk_delay_ms=5), id="crlf-split-between-cr-and-lf"
+    ),
+    pytest.param(Answer(split="bytes:7", crlf=True, chunk_delay_ms=1), id="seven-byte-chunks"),
     pytest.param(Answer(split="whole"), id="one-chunk"),
     pytest.param(Answer(sse_content_length=True), id="sse-with-content-length"),
 ]

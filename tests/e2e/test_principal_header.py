@@ -40,7 +40,10 @@ def _insert_auth_filter(config: dict[str, Any]) -> None:
     filters.insert(0, lua)
 
 
-STACK = StackSettings(principal_source=f"header:{HEADER}", envoy_patch=_insert_auth_filter)
+# This module also runs Envoy -> server over a Unix socket (the others use loopback TCP).
+STACK = StackSettings(
+    principal_source=f"header:{HEADER}", envoy_patch=_insert_auth_filter, unix_socket=True
+)
 
 
 def _tenant() -> str:

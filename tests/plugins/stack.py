@@ -71,6 +71,8 @@ class StackSettings:
     shutdown_grace_s: float = 15.0
     fail_open: bool = False
     extra_env: tuple[tuple[str, str], ...] = ()
+    # Envoy reaches the server over a Unix socket instead of loopback TCP.
+    unix_socket: bool = False
     # Changes the rendered Envoy bootstrap (parsed) before Envoy starts, e.g. to add filters.
     envoy_patch: Callable[[dict[str, Any]], None] | None = None
 
@@ -394,7 +396,9 @@ def _local_stack(
     tokenizer = loop.run(RecordingTokenizer(dict.fromkeys(aliases, path)).start())
     for alias in aliases:
         tokenizer.version(alias)
-    address = f"127.0.0.1:{free_port()}"
+    address = (
+        f"unix:{workdir / 'extproc.sock'}" if settings.unix_socket else f"127.0.0.1:{free_port()}"
+    )
     env = _extproc_env(settings, database_url, address, tokenizer.url)
     extproc = ManagedProcess(
         "extproc", [sys.executable, "-m", "extproc.cli", "serve"], env, workdir / "extproc.log"
