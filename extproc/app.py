@@ -9,7 +9,6 @@ wait for pending commits in what is left of it, then close the sweeper, tokenize
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import multiprocessing
 import signal
@@ -231,8 +230,7 @@ async def _until(stopping: asyncio.Event, work: Awaitable[None]) -> None:
         waiter.cancel()
     if not task.done():
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await asyncio.wait({task})  # waits for the cancellation without absorbing our own
         return
     task.result()
 
