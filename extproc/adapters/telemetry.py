@@ -231,13 +231,13 @@ def _plain(value: Any) -> Any:
 
 
 def configure_logging(level: str) -> None:
-    """JSON lines on stderr for the ``extproc`` loggers at ``level``."""
+    """JSON lines on stderr: ours at ``level``, libraries' (grpc, psycopg) from WARNING up."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
-    root = logging.getLogger("extproc")
+    root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
+    root.setLevel(logging.WARNING)
+    logging.getLogger("extproc").setLevel(level)
 
 
 def log_event(logger: logging.Logger, level: int, message: str, **fields: Any) -> None:
