@@ -2,7 +2,8 @@
 
 The example's system prompt carries a ``cache_control`` marker and is long enough to pass the
 floor ``extproc dev`` gives the demo model. Sent twice with the same key, the first answer's
-usage shows a cache write and the second a read of the same number of tokens.
+usage shows a cache write and the second a read of the same number of tokens; sent once more
+as a stream without ``stream_options``, the sidecar still makes the stream end with the usage.
 """
 
 from __future__ import annotations
@@ -58,33 +59,61 @@ def curl_command(url: str, key_shown: str, model: str) -> str:
 
 
 def check(url: str, model: str, key: str) -> int:
-    """Send the example twice; 0 when the first writes the cache and the second reads it."""
+    """Send the example twice, then streamed; 0 when it writes, then reads, then reads again."""
     first = _send(url, model, key)
     print("first usage: " + codec.dumps(first).decode(), flush=True)
     second = _send_until_read(url, model, key)
     print("second usage: " + codec.dumps(second).decode(), flush=True)
     problems = usage_problems(first, second)
+    if not problems:
+        streamed = _send_streamed(url, model, key)
+        print("streamed usage: " + codec.dumps(streamed).decode(), flush=True)
+        problems = read_problems(first.get("cache_creation_input_tokens"), streamed, "streamed")
     for problem in problems:
         print(f"check failed: {problem}", file=sys.stderr)
     if not problems:
-        print("check passed: the first request wrote the cache, the second read it")
+        print("check passed: the first request wrote the cache, the next ones read it")
     return 1 if problems else 0
 
 
-def _send(url: str, model: str, key: str) -> dict[str, Any]:
+def _post(url: str, body: dict[str, Any], key: str) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"}
     try:
-        answer = httpx.post(
-            f"{url}/v1/chat/completions", json=example_body(model), headers=headers, timeout=60
-        )
+        answer = httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=60)
     except httpx.HTTPError as exc:
         raise DevStackError(f"request through Envoy failed: {exc}") from None
     if answer.status_code != 200:
         raise DevStackError(f"request through Envoy: HTTP {answer.status_code}: {answer.text}")
+    return answer
+
+
+def _send(url: str, model: str, key: str) -> dict[str, Any]:
+    answer = _post(url, example_body(model), key)
     usage = codec.loads(answer.content).get("usage")
     if not isinstance(usage, dict):
         raise DevStackError(f"the answer has no usage object: {answer.text}")
     return usage
+
+
+def _send_streamed(url: str, model: str, key: str) -> dict[str, Any]:
+    """The usage of the example streamed without ``stream_options`` (the sidecar forces it)."""
+    answer = _post(url, {**example_body(model), "stream": True}, key)
+    usage = stream_usage(answer.text)
+    if usage is None:
+        raise DevStackError(f"the stream has no usage frame: {answer.text}")
+    return usage
+
+
+def stream_usage(text: str) -> dict[str, Any] | None:
+    """The first usage object in an SSE body, if any."""
+    for line in text.splitlines():
+        data = line.removeprefix("data:").strip()
+        if not line.startswith("data:") or not data.startswith("{"):
+            continue
+        usage = codec.loads(data).get("usage")
+        if isinstance(usage, dict):
+            return usage
+    return None
 
 
 def _send_until_read(url: str, model: str, key: str) -> dict[str, Any]:
@@ -104,9 +133,15 @@ def usage_problems(first: Mapping[str, Any], second: Mapping[str, Any]) -> list[
         problems.append(f"first request: expected a cache write, got {written!r}")
     if first.get("cache_read_input_tokens") != 0:
         problems.append("first request: expected no cache read")
-    read = second.get("cache_read_input_tokens")
+    return problems + read_problems(written, second, "second request")
+
+
+def read_problems(written: Any, usage: Mapping[str, Any], what: str) -> list[str]:
+    """What is wrong with ``usage`` as a read of the ``written`` tokens."""
+    problems = []
+    read = usage.get("cache_read_input_tokens")
     if not read or read != written:
-        problems.append(f"second request: expected a read of {written!r} tokens, got {read!r}")
-    if second.get("cache_creation_input_tokens") != 0:
-        problems.append("second request: expected no cache write")
+        problems.append(f"{what}: expected a read of {written!r} tokens, got {read!r}")
+    if usage.get("cache_creation_input_tokens") != 0:
+        problems.append(f"{what}: expected no cache write")
     return problems

@@ -21,7 +21,7 @@ import pytest
 from extproc.commands.dev import DEFAULT_MIN_PREFIX_TOKENS, DEFAULT_TOKENIZER, prepare_tokenizer
 from extproc.core import codec
 from extproc.devstack import free_port, is_reachable_by, pg_data_dir
-from extproc.quickstart import curl_command, example_body, usage_problems
+from extproc.quickstart import curl_command, example_body, stream_usage, usage_problems
 from extproc.upstream import UpstreamSettings, bound_port, load_counter, start_upstream
 
 STACK_TIMEOUT_S = 240
@@ -214,3 +214,21 @@ def test_data_dir_falls_back_when_postgres_cannot_reach_it(workdir: Path) -> Non
     fallback = pg_data_dir(hidden / "inner" / "data", "nobody")
     assert fallback.parent == Path(tempfile.gettempdir())
     assert fallback == pg_data_dir(hidden / "inner" / "data", "nobody")
+
+
+@pytest.mark.parametrize(
+    ("text", "usage"),
+    [
+        pytest.param(
+            'data: {"choices":[1],"usage":null}\n\ndata: {"choices":[],"usage":{"a":1}}\n\n'
+            "data: [DONE]\n\n",
+            {"a": 1},
+            id="usage-after-null",
+        ),
+        pytest.param('data:{"usage":{"b":2}}\r\n\r\n', {"b": 2}, id="no-space-crlf"),
+        pytest.param(': comment\n\ndata: {"choices":[]}\n\ndata: [DONE]\n\n', None, id="none"),
+        pytest.param("", None, id="empty"),
+    ],
+)
+def test_stream_usage(text: str, usage: dict[str, int] | None) -> None:
+    assert stream_usage(text) == usage
