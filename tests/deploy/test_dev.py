@@ -18,7 +18,12 @@ from typing import Any
 import psutil
 import pytest
 
-from extproc.commands.dev import DEFAULT_MIN_PREFIX_TOKENS, DEFAULT_TOKENIZER, prepare_tokenizer
+from extproc.commands.dev import (
+    DEFAULT_MIN_PREFIX_TOKENS,
+    DEFAULT_TOKENIZER,
+    prepare_tokenizer,
+    redact_password,
+)
 from extproc.core import codec
 from extproc.devstack import free_port, is_reachable_by, pg_data_dir
 from extproc.quickstart import curl_command, example_body, stream_usage, usage_problems
@@ -232,3 +237,22 @@ def test_data_dir_falls_back_when_postgres_cannot_reach_it(workdir: Path) -> Non
 )
 def test_stream_usage(text: str, usage: dict[str, int] | None) -> None:
     assert stream_usage(text) == usage
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        pytest.param(
+            "postgresql://postgres@127.0.0.1:5432/x",
+            "postgresql://postgres@127.0.0.1:5432/x",
+            id="no-password",
+        ),
+        pytest.param(
+            "postgresql://u:s3cret@db:5432/x", "postgresql://u:***@db:5432/x", id="password"
+        ),
+        pytest.param("host=db dbname=x", "host=db dbname=x", id="key-value"),
+        pytest.param("host=db password=s3 dbname=x", "host=db password=*** dbname=x", id="kv-pw"),
+    ],
+)
+def test_database_password_is_never_printed(url: str, shown: str) -> None:
+    assert redact_password(url) == shown
