@@ -150,10 +150,10 @@ def slow_tokenizer(stack: Stack) -> Iterator[Any]:
 def test_first_sse_chunk_does_not_wait_for_a_slow_tokenizer(
     stack: Stack, key: str, slow_tokenizer: Any
 ) -> None:
-    # Below the server's tokenizer call timeout and its classify deadline, so the usage frame
+    # Below the server's tokenizer call timeout (1 s) and its classify deadline, so the usage frame
     # gets the real split; a server that held the stream for classification would release
     # the first chunk only after the tokenizer answered.
-    slow_tokenizer.tokenize_delay = 0.6
+    slow_tokenizer.tokenize_delay = 0.75
     answered_before = slow_tokenizer.answered
     answer = Answer(tag=tag(), hold_after=1)  # the rest, usage frame included, comes later
     body = codec.dumps({**cached_request(), "stream": True})
