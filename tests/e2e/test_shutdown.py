@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import tempfile
 import time
@@ -123,6 +124,7 @@ def test_fail_open_variant_forwards_unprocessed_when_the_server_is_down(
     finally:
         for process in open_stack.processes:
             process.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
     assert result.status == 200
     assert result.upstream_body == codec.dumps(body)  # markers unstripped, include_usage not forced

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -442,6 +443,7 @@ def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
         yield built
     finally:
         _teardown(built, loop, databases)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _teardown(built: Stack | None, loop: LoopThread, databases: Iterator[str]) -> None:
