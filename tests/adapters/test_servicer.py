@@ -293,8 +293,9 @@ async def test_stream_ending_early_cancels_classify(extproc_server: ServerHarnes
     assert index.inner.commits == []
 
 
-async def _eventually(read: Any) -> Any:
-    for _ in range(200):
+async def _eventually(read: Any, timeout_s: float = 10.0) -> Any:
+    """``read()`` once truthy, else its last value after ``timeout_s`` (a bound, not a check)."""
+    for _ in range(int(timeout_s / 0.02)):
         value = read()
         if value:
             return value
@@ -435,6 +436,10 @@ async def test_serve_process_becomes_ready_and_stops_on_sigterm(
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             assert await health_of(channel, "") == "SERVING"
+        serving = await _eventually(
+            lambda: _count(tmp_path / "serve.log", "serving") == workers, timeout_s=30
+        )
+        assert serving, "every worker reports serving"
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
     finally:
@@ -442,9 +447,11 @@ async def test_serve_process_becomes_ready_and_stops_on_sigterm(
             proc.kill()
             await proc.wait()
         log.close()
-    lines = (tmp_path / "serve.log").read_text().splitlines()
-    assert sum('"msg":"serving"' in line for line in lines) == workers
-    assert sum('"msg":"stopped"' in line for line in lines) == workers
+    assert _count(tmp_path / "serve.log", "stopped") == workers
+
+
+def _count(path: Any, message: str) -> int:
+    return sum(f'"msg":"{message}"' in line for line in path.read_text().splitlines())
 
 
 async def test_a_taken_port_is_a_clear_error() -> None:
