@@ -108,9 +108,14 @@ def running_stack(workdir: Path) -> Iterator[tuple[subprocess.Popen[str], list[s
                 break
         yield process, lines
     finally:
+        # Stop it the way a user would, so it stops its children too; kill only a stuck one.
         if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.communicate(timeout=STACK_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
             process.kill()
-        process.communicate(timeout=STACK_TIMEOUT_S)
+            process.communicate()
 
 
 @pytest.mark.parametrize(
