@@ -31,6 +31,7 @@ from extproc.adapters.telemetry import (
     start_metrics,
 )
 from extproc.adapters.tokenizers import build_tokenizer
+from extproc.adapters.tokenizers_remote import RemoteTimeouts
 from extproc.config import HostPort, PrincipalKind, Settings
 from extproc.core.classify import ClassifyPorts
 from extproc.core.errors import DependencyError, ExtprocError
@@ -125,7 +126,7 @@ class App:
 
     async def _build(self, metrics: Metrics) -> servicer.Dependencies:
         s = self.settings
-        tokenizer = build_tokenizer(s.tokenizer_url, dict(s.tokenizers))
+        tokenizer = build_tokenizer(s.tokenizer_url, dict(s.tokenizers), tokenizer_timeouts(s))
         self._resources.closers.append(tokenizer.aclose)
         await asyncio.to_thread(tokenizer.validate)  # a bad file fails the start, not a request
         pool = await _open_pool_retrying(s.database_url)
@@ -184,6 +185,12 @@ class App:
     async def _set_health(self, status: int) -> None:
         for name in HEALTH_SERVICES:
             await self._health.set(name, status)
+
+
+def tokenizer_timeouts(settings: Settings) -> RemoteTimeouts:
+    """The tokenizer service's call timeout; connecting never gets longer than the call."""
+    total = settings.tokenizer_timeout_ms / 1000
+    return RemoteTimeouts(connect=min(total, RemoteTimeouts().connect), total=total)
 
 
 def _hits(stats: Any) -> tuple[int, int]:

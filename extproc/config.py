@@ -34,6 +34,7 @@ _DEFAULTS: dict[str, str] = {
     "PRINCIPAL_SOURCE": "api_keys",
     "TOKENIZER_URL": "",
     "TOKENIZERS": "",
+    "TOKENIZER_TIMEOUT_MS": "1000",
     "CLASSIFY_DEADLINE_MS": "150",
     "COMMIT_DEADLINE_MS": "2000",
     "MAX_BODY_BYTES": str(8 * MIB),
@@ -96,6 +97,7 @@ class Settings:
     principal_source: PrincipalSource = PrincipalSource(PrincipalKind.API_KEYS)
     tokenizer_url: str | None = None
     tokenizers: tuple[tuple[str, str], ...] = ()
+    tokenizer_timeout_ms: int = 1000
     classify_deadline_ms: int = 150
     commit_deadline_ms: int = 2000
     max_body_bytes: int = 8 * MIB
@@ -129,6 +131,7 @@ class Settings:
             principal_source=parsed["PRINCIPAL_SOURCE"],
             tokenizer_url=parsed["TOKENIZER_URL"],
             tokenizers=parsed["TOKENIZERS"],
+            tokenizer_timeout_ms=parsed["TOKENIZER_TIMEOUT_MS"],
             classify_deadline_ms=parsed["CLASSIFY_DEADLINE_MS"],
             commit_deadline_ms=parsed["COMMIT_DEADLINE_MS"],
             max_body_bytes=parsed["MAX_BODY_BYTES"],
@@ -344,6 +347,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "PRINCIPAL_SOURCE": _principal_source,
     "TOKENIZER_URL": _tokenizer_url,
     "TOKENIZERS": _tokenizer_files,
+    "TOKENIZER_TIMEOUT_MS": _bounded_int(1, 60_000),
     "CLASSIFY_DEADLINE_MS": _bounded_int(1, 60_000),
     "COMMIT_DEADLINE_MS": _bounded_int(1, 600_000),
     "MAX_BODY_BYTES": _size,

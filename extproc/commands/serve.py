@@ -58,6 +58,7 @@ def describe(settings: Settings) -> dict[str, object]:
         "principal_source": str(settings.principal_source),
         "tokenizer_url": settings.tokenizer_url,
         "tokenizers": dict(settings.tokenizers),
+        "tokenizer_timeout_ms": settings.tokenizer_timeout_ms,
         "classify_deadline_ms": settings.classify_deadline_ms,
         "commit_deadline_ms": settings.commit_deadline_ms,
         "max_body_bytes": settings.max_body_bytes,

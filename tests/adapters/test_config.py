@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from extproc.adapters.tokenizers_remote import RemoteTimeouts
 from extproc.config import (
     ConfigError,
     HostPort,
@@ -33,6 +34,7 @@ def test_defaults() -> None:
     assert s.principal_source == PrincipalSource(PrincipalKind.API_KEYS)
     assert s.metrics_listen == HostPort("127.0.0.1", 9464)
     assert (s.classify_deadline_ms, s.commit_deadline_ms) == (150, 2000)
+    assert s.tokenizer_timeout_ms == 1000
     assert s.max_body_bytes == 8 << 20
     assert s.grpc_message_limit > s.max_body_bytes
     assert (s.shutdown_grace_s, s.workers, s.log_level) == (20.0, 1, "INFO")
@@ -59,6 +61,7 @@ VALID = [
                  (("qwen", "/t/q.json"), ("mistral", "/t/m.json")), id="tokenizer-files"),
     pytest.param("TOKENIZERS", '{"qwen": "/t/q.json"}', "tokenizers",
                  (("qwen", "/t/q.json"),), id="tokenizer-files-json"),
+    pytest.param("TOKENIZER_TIMEOUT_MS", "2500", "tokenizer_timeout_ms", 2500, id="tokenizer-ms"),
     pytest.param("CLASSIFY_DEADLINE_MS", "1500", "classify_deadline_ms", 1500, id="classify-ms"),
     pytest.param("COMMIT_DEADLINE_MS", "5_000", "commit_deadline_ms", 5000, id="commit-ms"),
     pytest.param("MAX_BODY_BYTES", "16MiB", "max_body_bytes", 16 << 20, id="body-mib"),
@@ -92,6 +95,9 @@ INVALID = [
     pytest.param("TOKENIZER_URL", "ftp://x", id="tokenizer-url-scheme"),
     pytest.param("TOKENIZERS", "qwen", id="tokenizers-no-path"),
     pytest.param("TOKENIZERS", "a=/x,a=/y", id="tokenizers-duplicate"),
+    pytest.param("TOKENIZER_TIMEOUT_MS", "slow", id="tokenizer-timeout-not-int"),
+    pytest.param("TOKENIZER_TIMEOUT_MS", "0", id="tokenizer-timeout-zero"),
+    pytest.param("TOKENIZER_TIMEOUT_MS", "60001", id="tokenizer-timeout-too-long"),
     pytest.param("CLASSIFY_DEADLINE_MS", "fast", id="classify-not-int"),
     pytest.param("CLASSIFY_DEADLINE_MS", "0", id="classify-zero"),
     pytest.param("COMMIT_DEADLINE_MS", "-1", id="commit-negative"),
@@ -223,3 +229,19 @@ def test_serve_check_prints_settings_without_secrets(
     assert shown["database"] == "postgresql://db:5432/x"
     assert shown["enabled_ttls"] == ["5m", "1h"]
     assert "s3cret" not in out
+    assert shown["tokenizer_timeout_ms"] == 1000
+
+
+@pytest.mark.parametrize(
+    ("millis", "expected"),
+    [
+        pytest.param("300", RemoteTimeouts(connect=0.3, total=0.3), id="shorter-than-connect"),
+        pytest.param("2500", RemoteTimeouts(connect=1.0, total=2.5), id="longer-than-connect"),
+    ],
+)
+def test_tokenizer_timeout_reaches_the_service_client(
+    millis: str, expected: RemoteTimeouts
+) -> None:
+    from extproc.app import tokenizer_timeouts
+
+    assert tokenizer_timeouts(settings(EXTPROC_TOKENIZER_TIMEOUT_MS=millis)) == expected
