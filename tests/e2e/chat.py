@@ -215,8 +215,13 @@ def stream_raw(
     key: str | None,
     answer: Answer,
     hang_up_after: int | None = None,
+    release_after: int | None = None,
 ) -> Partial:
-    """Stream ``body``; with ``hang_up_after`` the client leaves after that many chunks."""
+    """Stream ``body``; with ``hang_up_after`` the client leaves after that many chunks.
+
+    With ``release_after`` the client releases the upstream's hold (``Answer.hold_after``)
+    once it has received that many chunks.
+    """
     received: list[bytes] = []
     error: str | None = None
     with stack.client() as client:
@@ -226,6 +231,8 @@ def stream_raw(
         try:
             for chunk in response.iter_raw():
                 received.append(chunk)
+                if len(received) == release_after:
+                    stack.release(answer.tag)
                 if hang_up_after is not None and len(received) >= hang_up_after:
                     break
         except httpx.HTTPError as exc:

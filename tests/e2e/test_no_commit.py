@@ -68,10 +68,13 @@ def test_error_frame_mid_stream_commits_nothing(stack: Stack) -> None:
 
 def test_upstream_reset_mid_stream_commits_nothing(stack: Stack) -> None:
     key = stack.new_key()
-    answer = Answer(tag=tag(), reset_after=3)
-    partial = stream_raw(stack, cached_request(), key, answer)
+    # The upstream holds after 3 chunks until the client has the first bytes, then resets: the
+    # reset always comes after Envoy forwarded the headers (never a 502 "reset before headers").
+    answer = Answer(tag=tag(), hold_after=3, reset_after=3)
+    partial = stream_raw(stack, cached_request(), key, answer, release_after=1)
 
     assert partial.status == 200
+    assert partial.body.startswith(b"data: ")
     assert partial.error is not None
     assert b"[DONE]" not in partial.body
     _assert_next_is_not_a_read(stack, key, streamed=True)

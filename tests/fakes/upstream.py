@@ -56,7 +56,8 @@ class Answer:
     error_frame: bool = False  # a data: {"error": ...} frame before the finish frame
     reset_after: int | None = None  # abort the connection (TCP RST) after this many chunks
     pause_after: int | None = None  # stop after this many chunks until the client goes away
-    hold_after: int | None = None  # stop after this many chunks until POST /__fake/release
+    # stop after this many chunks until POST /__fake/release (before a reset at the same count)
+    hold_after: int | None = None
     chunk_delay_ms: int = 0  # between chunks
     sse_content_length: bool = False  # an SSE answer with content-length instead of chunked
     raw: str | None = None  # send this body verbatim instead of a chat completion
@@ -364,13 +365,13 @@ class FakeUpstream:
         for i, chunk in enumerate(chunks):
             if i and answer.chunk_delay_ms:
                 await asyncio.sleep(answer.chunk_delay_ms / 1000)
+            if i == answer.hold_after:
+                await self._hold(answer.tag)
             if i == answer.reset_after:
                 await asyncio.sleep(DRAIN_BEFORE_RESET_S)
                 record.aborted = True
                 _reset(request)
                 return
-            if i == answer.hold_after:
-                await self._hold(answer.tag)
             if i == answer.pause_after and await _wait_for_close(request):
                 record.aborted = True
                 return
