@@ -326,9 +326,10 @@ def media_type(content_type: str) -> str:
 
 
 def bearer_token(authorization: str | None) -> str | None:
-    """The token of ``Bearer <t>`` or ``bearer <t>``, trimmed; ``None`` otherwise."""
+    """The token of ``Bearer <t>`` or ``bearer <t>`` (value and token trimmed), else ``None``."""
     if authorization is None:
         return None
+    authorization = authorization.lstrip()
     for scheme in ("Bearer ", "bearer "):
         if authorization.startswith(scheme):
             return authorization[len(scheme) :].strip() or None

@@ -128,6 +128,8 @@ def test_non_chat_passes_every_later_message_untouched() -> None:
     [
         pytest.param("Bearer sk-1", "sk-1", id="Bearer"),
         pytest.param("bearer  sk-1 ", "sk-1", id="bearer-trimmed"),
+        pytest.param(" \tBearer sk-1\t ", "sk-1", id="value-surrounded-by-whitespace"),
+        pytest.param("  bearer\tsk-1", None, id="tab-is-not-the-scheme-separator"),
         pytest.param("Basic abc", None, id="basic"),
         pytest.param("Bearer ", None, id="empty"),
         pytest.param("BEARER sk-1", None, id="upper-scheme"),
