@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
 
 from extproc.core import codec
+from extproc.core.prefix import prefix_hashes
 from tests.e2e.chat import (
     CHAT,
     DOCUMENT,
@@ -16,6 +18,7 @@ from tests.e2e.chat import (
     cached_request,
     event_json,
     exchange,
+    headers,
     marker,
     send,
     split_events,
@@ -25,15 +28,19 @@ from tests.e2e.chat import (
     usage_of,
     wait_for_read,
 )
-from tests.plugins.stack import Stack
+from tests.plugins.stack import IndexRow, Stack
 
 pytestmark = pytest.mark.e2e
 
 
-def _counts(stack: Stack) -> tuple[int, int]:
+def _count(stack: Stack, *texts: str) -> tuple[int, ...]:
     if stack.tokenizer is None:
         pytest.skip("needs the suite's own tokenizer to know the real counts")
-    system, document = stack.tokenizer.count("demo", [SYSTEM, DOCUMENT])
+    return stack.tokenizer.count("demo", list(texts))
+
+
+def _counts(stack: Stack) -> tuple[int, int]:
+    system, document = _count(stack, SYSTEM, DOCUMENT)
     return system, document
 
 
@@ -294,11 +301,19 @@ def test_a_prefix_below_the_model_floor_gets_zero_fields(stack: Stack) -> None:
     }
 
 
-def test_no_markers_gets_zero_fields_on_an_enabled_model(stack: Stack) -> None:
-    body = {"model": "demo", "messages": [{"role": "user", "content": "hello"}]}
-    usage = usage_of(send(stack, body, stack.new_key()), streamed=False)
+ZERO_FIELDS = {"read": 0, "created": 0, "cached_tokens": 0, "5m": 0, "1h": 0, "24h": 0}
 
-    assert usage["cache_read_input_tokens"] == usage["cache_creation_input_tokens"] == 0
+
+@pytest.mark.parametrize("streamed", [pytest.param(False, id="json"), pytest.param(True, id="sse")])
+def test_no_markers_gets_zero_fields_on_an_enabled_model(stack: Stack, streamed: bool) -> None:
+    body = {"model": "demo", "stream": streamed, "messages": [{"role": "user", "content": "hello"}]}
+    result = send(stack, body, stack.new_key())
+    usage = usage_of(result, streamed)
+
+    assert cache_fields(usage) == ZERO_FIELDS
+    assert usage["prompt_tokens"] == Answer().prompt_tokens
+    if not streamed:
+        assert result.upstream_body == codec.dumps(body)  # nothing to strip: forwarded as sent
 
 
 @pytest.mark.parametrize(
@@ -336,6 +351,8 @@ def test_other_routes_pass_untouched_and_never_reach_the_server(
         pytest.param("/chat/completions", id="no-version"),
         pytest.param("/openai/v1/chat/completions", id="prefixed"),
         pytest.param(CHAT + "?api-version=2024-10-01", id="query-string"),
+        pytest.param("/openai/v1/chat/completions?x=1&y=/chat", id="prefixed-with-query-string"),
+        pytest.param("/chat/completions?x=1", id="no-version-with-query-string"),
     ],
 )
 def test_chat_path_variants_are_processed(stack: Stack, path: str) -> None:
@@ -346,3 +363,314 @@ def test_chat_path_variants_are_processed(stack: Stack, path: str) -> None:
     assert result.upstream_body is not None
     assert b"cache_control" not in result.upstream_body
     assert result.json()["usage"]["cache_creation_input_tokens"] > 0
+
+
+# ---- the cache model through the real pipeline (DESIGN §3), read back from the index ----
+
+# DESIGN §3: system "static system" then user "hi", hashed after block 0 and after block 1.
+VECTOR_0 = bytes.fromhex("3f64b6de25662606fce3fdbfc38c06d90282a10f28a6a12496225051481cf3e2")
+VECTOR_1 = bytes.fromhex("b063c46136d7e666f8ff6dfbb59370f23dd93a60e692faceb73da98351330939")
+QUESTION = "What did we spend on travel?"
+
+
+def _entries_after_commit(stack: Stack, key: str, count: int) -> dict[bytes, IndexRow]:
+    """The principal's entries once at least ``count`` of them are committed."""
+    entries: dict[bytes, IndexRow] = {}
+    for _ in range(100):
+        entries = stack.entries(key)
+        if len(entries) >= count:
+            return entries
+        time.sleep(0.05)
+    raise AssertionError(f"{len(entries)} entries committed, expected {count}")
+
+
+def _static_system(system_marked: bool) -> dict[str, Any]:
+    """DESIGN's example conversation, marked one way or the other, then a long marked block."""
+    system: Any = [text("static system", marker("1h"))] if system_marked else "static system"
+    user: Any = "hi" if system_marked else [text("hi", marker())]
+    return {
+        "model": "demo",
+        "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": user},
+            {"role": "user", "content": [text(DOCUMENT, marker())]},
+        ],
+    }
+
+
+def test_index_entries_carry_the_reference_prefix_hashes(stack: Stack) -> None:
+    by_user, by_system = stack.new_key(), stack.new_key()
+    send(stack, _static_system(system_marked=False), by_user)
+    send(stack, _static_system(system_marked=True), by_system)
+
+    user_entries = _entries_after_commit(stack, by_user, 2)
+    system_entries = _entries_after_commit(stack, by_system, 2)
+
+    # A string content hashes as the text block it stands for; markers never enter the hash.
+    assert VECTOR_1 in user_entries
+    assert VECTOR_0 in system_entries
+    [shared] = set(user_entries) & set(system_entries)
+    assert user_entries[shared].tokens == system_entries[shared].tokens
+    assert (user_entries[VECTOR_1].tier, system_entries[VECTOR_0].tier) == ("5m", "1h")
+
+
+def test_the_same_content_with_other_markers_is_read(stack: Stack) -> None:
+    key = stack.new_key()
+    send(stack, _static_system(system_marked=False), key)
+    entries = _entries_after_commit(stack, key, 2)
+
+    usage = usage_of(send(stack, _static_system(system_marked=True), key), streamed=False)
+
+    assert usage["cache_read_input_tokens"] == max(row.tokens for row in entries.values())
+    assert usage["cache_creation_input_tokens"] == 0
+
+
+def _conversation(*turns: dict[str, Any]) -> dict[str, Any]:
+    body = cached_request(question=QUESTION)
+    body["messages"] += list(turns)
+    return body
+
+
+def test_the_deepest_match_is_read_and_only_the_new_span_written(stack: Stack) -> None:
+    system, document = _counts(stack)
+    answer, follow_up = "Travel was 612.40.", "And the rent?"
+    question, *rest = _count(stack, QUESTION, answer, follow_up)
+    key = stack.new_key()
+    send(stack, cached_request(question=QUESTION), key)
+    _entries_after_commit(stack, key, 2)  # after the system prompt and after the document
+
+    longer = _conversation(
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": [text(follow_up, marker("1h"))]},
+    )
+    usage = usage_of(send(stack, longer, key), streamed=False)
+
+    assert cache_fields(usage) == {
+        "read": system + document,
+        "created": question + sum(rest),
+        "cached_tokens": system + document,
+        "5m": 0,
+        "1h": question + sum(rest),
+        "24h": 0,
+    }
+    entries = _entries_after_commit(stack, key, 3)
+    deepest = prefix_hashes(longer["messages"])[-1]
+    row = entries[deepest]
+    assert (row.tokens, row.tier) == (system + document + question + sum(rest), "1h")
+
+
+def test_a_read_slides_the_expiry_of_the_matched_entry_only(stack: Stack) -> None:
+    key = stack.new_key()
+    body = cached_request()
+    send(stack, body, key)
+    hashes = prefix_hashes(body["messages"])
+    system_hash, document_hash = hashes[0], hashes[1]
+    before = _entries_after_commit(stack, key, 2)
+    time.sleep(1.5)  # so that a refresh is visible in expires_at
+
+    assert usage_of(send(stack, body, key), streamed=False)["cache_read_input_tokens"] > 0
+
+    for _ in range(100):
+        after = stack.entries(key)
+        if after[document_hash].expires_at > before[document_hash].expires_at:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"the matched entry was not refreshed: {after}")
+    assert 290 < after[document_hash].expires_in_s <= 300  # now + its own tier (5m)
+    assert after[system_hash].expires_at == before[system_hash].expires_at  # not matched
+    assert after[document_hash].tokens == before[document_hash].tokens
+
+
+def _block(value: str, cache: Any) -> dict[str, Any]:
+    return {"type": "text", "text": value, "cache_control": cache}
+
+
+def test_four_breakpoints_each_become_an_entry_in_the_default_tier(stack: Stack) -> None:
+    if "5m" not in stack.enabled_ttls:
+        pytest.skip("the default tier of this stack is not known")
+    parts = [f"{DOCUMENT} Part {i}." for i in range(4)]
+    counts = _count(stack, *parts)
+    key = stack.new_key()
+    body = {
+        "model": "demo",
+        "messages": [{"role": "user", "content": [text(p, marker()) for p in parts]}],
+    }
+
+    result = send(stack, body, key)
+
+    usage = usage_of(result, streamed=False)
+    assert usage["cache_creation"]["ephemeral_5m_input_tokens"] == sum(counts)
+    assert usage["cache_creation_input_tokens"] == sum(counts)
+    assert b"cache_control" not in (result.upstream_body or b"cache_control")
+    entries = _entries_after_commit(stack, key, 4)
+    assert sorted(row.tokens for row in entries.values()) == [
+        sum(counts[: i + 1]) for i in range(4)
+    ]
+    assert {row.tier for row in entries.values()} == {"5m"}
+
+
+@pytest.mark.parametrize("streamed", [pytest.param(False, id="json"), pytest.param(True, id="sse")])
+def test_a_null_marker_is_stripped_and_is_no_breakpoint(stack: Stack, streamed: bool) -> None:
+    system, document = _counts(stack)
+    key = stack.new_key()
+    marked = [_block(SYSTEM, None), _block(DOCUMENT, marker("1h"))]
+    body = {"model": "demo", "stream": streamed, "messages": [{"role": "user", "content": marked}]}
+
+    result = send(stack, body, key)
+
+    assert result.upstream_body is not None
+    forwarded = codec.loads(result.upstream_body)["messages"][0]["content"]
+    assert forwarded == [text(SYSTEM), text(DOCUMENT)]
+    assert cache_fields(usage_of(result, streamed))["1h"] == system + document
+    entries = _entries_after_commit(stack, key, 1)
+    assert [row.tokens for row in entries.values()] == [system + document]
+
+
+def test_only_null_markers_mean_no_markers(stack: Stack) -> None:
+    key = stack.new_key()
+    body = {"model": "demo", "messages": [{"role": "user", "content": [_block(SYSTEM, None)]}]}
+
+    result = send(stack, body, key)
+
+    assert cache_fields(usage_of(result, streamed=False)) == ZERO_FIELDS
+    assert result.upstream_body is not None
+    assert b"cache_control" not in result.upstream_body
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        pytest.param("bearer {key}", id="lower-case-scheme"),
+        pytest.param("Bearer    {key}", id="spaces-after-the-scheme"),
+        pytest.param("bearer \t{key}", id="tab-before-the-token"),
+    ],
+)
+def test_bearer_spellings_name_the_same_principal(stack: Stack, authorization: str) -> None:
+    key = stack.new_key()
+    body = cached_request()
+    send(stack, body, key)
+    wait_for_read(stack, body, key)
+    answer = Answer(tag=tag())
+    with stack.client() as client:
+        response = client.post(
+            CHAT,
+            content=codec.dumps(body),
+            headers={**headers(None, answer), "authorization": authorization.format(key=key)},
+        )
+
+    assert response.status_code == 200
+    assert response.json()["usage"]["cache_read_input_tokens"] > 0
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        pytest.param("Basic dXNlcjpwYXNz", id="basic"),
+        pytest.param("Bearer", id="no-token"),
+        pytest.param("Token sk-e2e-abc", id="other-scheme"),
+    ],
+)
+def test_no_bearer_token_leaves_the_answer_byte_identical(stack: Stack, authorization: str) -> None:
+    answer = Answer(tag=tag())
+    with stack.client() as client:
+        response = client.post(
+            CHAT,
+            content=codec.dumps(cached_request()),
+            headers={**headers(None, answer), "authorization": authorization},
+        )
+    [record] = stack.records(answer.tag)
+
+    assert response.status_code == 200
+    assert response.content == b"".join(record.sent)
+    assert b"cache_control" not in record.body
+
+
+# ---- what the upstream sends back: every byte kept but the cache fields (DESIGN §4.3) ----
+
+UPSTREAM_USAGE = {
+    "prompt_tokens": 900,
+    "completion_tokens": 3,
+    "total_tokens": 903,
+    "prompt_tokens_details": {"cached_tokens": 640, "audio_tokens": 0},
+    "completion_tokens_details": {"reasoning_tokens": 1},
+    "queue_time": 0.25,
+}
+
+
+def test_other_usage_keys_are_kept(stack: Stack) -> None:
+    system, document = _counts(stack)
+    completion = {
+        "id": "chatcmpl-raw",
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}],
+        "usage": UPSTREAM_USAGE,
+        "system_fingerprint": "fp_raw",
+    }
+    raw = codec.dumps(completion).decode()
+    result = send(stack, cached_request(), stack.new_key(), Answer(tag=tag(), raw=raw))
+
+    edited = result.json()
+    assert {k: v for k, v in edited.items() if k != "usage"} == {
+        k: v for k, v in completion.items() if k != "usage"
+    }
+    usage = edited["usage"]
+    kept = {k: v for k, v in UPSTREAM_USAGE.items() if k != "prompt_tokens_details"}
+    assert {k: usage[k] for k in kept} == kept
+    assert usage["prompt_tokens_details"] == {"cached_tokens": 0, "audio_tokens": 0}
+    assert cache_fields(usage)["created"] == system + document
+    assert int(result.headers["content-length"]) == len(result.body)
+
+
+def _sse(nl: str, data: str, *payloads: Any) -> str:
+    events = [f": upstream comment{nl}{nl}"]
+    for payload in payloads:
+        value = payload if isinstance(payload, str) else codec.dumps(payload).decode()
+        events.append(f"{data}{value}{nl}{nl}")
+    return "".join(events)
+
+
+def _frame(content: str | None, usage: dict[str, Any] | None = None) -> dict[str, Any]:
+    delta = [] if content is None else [{"index": 0, "delta": {"content": content}}]
+    frame: dict[str, Any] = {"id": "c", "object": "chat.completion.chunk", "choices": delta}
+    if usage is not None:
+        frame["usage"] = usage
+    return frame
+
+
+@pytest.mark.parametrize(
+    ("nl", "data", "split"),
+    [
+        pytest.param("\n", "data: ", "frames", id="lf-data-space-one-chunk"),
+        pytest.param("\r\n", "data:", "bytes:9", id="crlf-data-no-space-nine-byte-chunks"),
+        pytest.param("\r\n", "data: ", "bytes:4", id="crlf-data-space-four-byte-chunks"),
+    ],
+)
+def test_stream_edits_only_the_first_usage_frame(
+    stack: Stack, nl: str, data: str, split: str
+) -> None:
+    raw = _sse(
+        nl,
+        data,
+        _frame("Hel"),
+        _frame("lo", {"prompt_tokens": 900, "completion_tokens": 1, "total_tokens": 901}),
+        _frame(None, UPSTREAM_USAGE),
+        "[DONE]",
+    )
+    answer = Answer(
+        tag=tag(), raw=raw, split=split, content_type="text/event-stream", chunk_delay_ms=1
+    )
+    result = send(stack, cached_request(stream=True), stack.new_key(), answer)
+
+    client, upstream = split_events(result.body), split_events(raw.encode())
+    assert len(client) == len(upstream) == 5
+    assert [i for i, (a, b) in enumerate(zip(client, upstream, strict=True)) if a != b] == [2]
+    assert client[2].startswith(data.encode())
+    assert client[2].endswith((nl + nl).encode())
+    edited, original = event_json(client[2]), event_json(upstream[2])
+    assert {k: v for k, v in edited.items() if k != "usage"} == {
+        k: v for k, v in original.items() if k != "usage"
+    }
+    assert edited["usage"]["prompt_tokens"] == 900
+    assert edited["usage"]["cache_creation_input_tokens"] > 0
+    assert "content-length" not in result.headers

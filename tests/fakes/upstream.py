@@ -60,7 +60,7 @@ class Answer:
     hold_after: int | None = None
     chunk_delay_ms: int = 0  # between chunks
     sse_content_length: bool = False  # an SSE answer with content-length instead of chunked
-    raw: str | None = None  # send this body verbatim instead of a chat completion
+    raw: str | None = None  # send this body verbatim (cut by ``split``) instead of a completion
     content_type: str | None = None  # override the content type
 
     def encode(self) -> str:
@@ -325,7 +325,8 @@ class FakeUpstream:
         self, request: web.Request, record: Record, answer: Answer
     ) -> web.StreamResponse:
         if answer.raw is not None:
-            return await self._send(request, record, answer, [answer.raw.encode()])
+            chunks = split_stream([answer.raw.encode()], answer.split)
+            return await self._send(request, record, answer, chunks)
         echo = {"object": "fake.echo", "path": request.path, "received_bytes": len(record.body)}
         return await self._send(request, record, answer, [codec.dumps(echo)])
 

@@ -20,6 +20,8 @@ tests that must program the tokenizer or signal the server are skipped.
 from __future__ import annotations
 
 import asyncio
+import datetime
+import hashlib
 import os
 import secrets
 import shutil
@@ -187,6 +189,16 @@ def _wait_until(what: str, ready: Any, processes: list[ManagedProcess]) -> None:
     raise RuntimeError(f"{what} not ready after {START_TIMEOUT_S}s\n{logs}")
 
 
+@dataclass(frozen=True, slots=True)
+class IndexRow:
+    """One index entry as the database holds it; ``expires_in_s`` is seconds from now."""
+
+    tokens: int
+    tier: str
+    expires_at: datetime.datetime
+    expires_in_s: float
+
+
 @dataclass(repr=False)
 class Stack:
     """A running stack: where to send requests and how to inspect every part."""
@@ -245,6 +257,24 @@ class Stack:
         if self.principal_source == "api_keys":
             self.admin("keys", "add", "--principal", f"tenant-{key[-12:]}", stdin=key + "\n")
         return key
+
+    def principal_of(self, key: str) -> str:
+        """The principal a key from ``new_key`` resolves to (for reading the index)."""
+        if self.principal_source == "api_keys":
+            return f"tenant-{key[-12:]}"
+        if self.principal_source != "key_hash":
+            pytest.skip(f"principals of {self.principal_source!r} are not known to the tests")
+        return hashlib.sha256(key.encode()).hexdigest()
+
+    def entries(self, key: str, model: str = "demo") -> dict[bytes, IndexRow]:
+        """The index entries of ``key``'s principal for ``model``, by prefix hash."""
+        query = (
+            "SELECT prefix_hash, cumulative_token_count, ttl_tier, expires_at, expires_at - now() "
+            "FROM prompt_cache_entries WHERE principal_id = %s AND virtual_model = %s"
+        )
+        with psycopg.connect(self.database_url) as conn:
+            rows = conn.execute(query, (self.principal_of(key), model)).fetchall()
+        return {bytes(h): IndexRow(n, t, at, left.total_seconds()) for h, n, t, at, left in rows}
 
     def envoy_stat(self, name: str) -> int:
         """One counter from Envoy's admin stats (0 when Envoy has not created it yet)."""
