@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 
+from extproc.core import codec
 from tests.e2e.chat import (
     Answer,
     barrier,
@@ -56,6 +58,41 @@ def test_missing_usage_commits_nothing(stack: Stack, streamed: bool) -> None:
 
     assert b'"usage"' not in result.body
     _assert_next_is_not_a_read(stack, key, streamed)
+
+
+USAGE = {"prompt_tokens": 1000, "completion_tokens": 1, "total_tokens": 1001}
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        pytest.param({"error": {"message": "overloaded", "type": "server_error"}}, id="error"),
+        pytest.param(
+            {"error": {"message": "overloaded", "type": "server_error"}, "usage": USAGE},
+            id="error-with-usage",
+        ),
+        pytest.param({"object": "error", "message": "overloaded", "usage": USAGE}, id="object"),
+    ],
+)
+def test_a_2xx_json_error_document_commits_nothing(stack: Stack, document: Any) -> None:
+    key = stack.new_key()
+    raw = codec.dumps(document).decode()
+    result = send(stack, cached_request(), key, Answer(tag=tag(), raw=raw))
+
+    answered = result.json()
+    assert {k: v for k, v in answered.items() if k != "usage"} == {
+        k: v for k, v in document.items() if k != "usage"
+    }
+    _assert_next_is_not_a_read(stack, key, streamed=False)
+
+
+def test_a_2xx_answer_that_is_not_json_passes_untouched_and_commits_nothing(stack: Stack) -> None:
+    key = stack.new_key()
+    raw = '{"id": "chatcmpl-cut", "usage": {"prompt_tokens": 10'
+    result = send(stack, cached_request(), key, Answer(tag=tag(), raw=raw))
+
+    assert result.body == raw.encode()
+    _assert_next_is_not_a_read(stack, key, streamed=False)
 
 
 def test_error_frame_mid_stream_commits_nothing(stack: Stack) -> None:

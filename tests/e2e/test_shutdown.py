@@ -60,6 +60,18 @@ def _wait_until_draining(stack: Stack) -> None:
     raise AssertionError("the server kept reporting SERVING after SIGTERM")
 
 
+@pytest.mark.parametrize("streamed", [pytest.param(False, id="json"), pytest.param(True, id="sse")])
+def test_an_unknown_api_key_leaves_the_answer_untouched(stack: Stack, streamed: bool) -> None:
+    # This module's principal source is api_keys: a key that was never added names no tenant.
+    unknown = f"sk-e2e-unknown-{tag()}"
+    result = exchange(stack, cached_request(stream=streamed), unknown)
+
+    assert result.status == 200
+    assert result.body == result.upstream_sent
+    assert result.upstream_body is not None
+    assert b"cache_control" not in result.upstream_body
+
+
 def test_sigterm_with_a_stream_in_flight_loses_no_commit(stack: Stack, restart: None) -> None:
     key = stack.new_key()
     answer = Answer(tag=tag(), hold_after=1)
