@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import httpx
 import pytest
 
 from extproc.core import codec
@@ -13,6 +14,7 @@ from tests.e2e.chat import (
     barrier,
     cached_request,
     exchange,
+    post,
     send,
     stream_raw,
     tag,
@@ -134,6 +136,20 @@ def test_client_disconnect_mid_stream_commits_nothing(stack: Stack) -> None:
     _wait_until_upstream_saw_the_end(stack, answer)
     assert stack.records(answer.tag)[0].aborted
     _assert_next_is_not_a_read(stack, key, streamed=True)
+
+
+def test_client_disconnect_before_a_json_answer_commits_nothing(stack: Stack) -> None:
+    key = stack.new_key()
+    answer = Answer(tag=tag(), hold_after=0)  # headers sent, the body held until released
+    with (
+        httpx.Client(base_url=stack.url, timeout=httpx.Timeout(60, read=0.5)) as client,
+        pytest.raises(httpx.ReadTimeout),
+    ):
+        post(client, cached_request(), key, answer)
+    stack.release(answer.tag)
+
+    _wait_until_upstream_saw_the_end(stack, answer)
+    _assert_next_is_not_a_read(stack, key, streamed=False)
 
 
 def test_a_completed_stream_after_a_failed_one_commits(stack: Stack) -> None:
