@@ -670,3 +670,15 @@ def test_stream_edits_only_the_first_usage_frame(
     assert edited["usage"]["prompt_tokens"] == 900
     assert edited["usage"]["cache_creation_input_tokens"] > 0
     assert "content-length" not in result.headers
+
+
+@pytest.mark.parametrize("streamed", [pytest.param(False, id="json"), pytest.param(True, id="sse")])
+def test_an_enabled_model_without_a_tokenizer_gets_zero_fields(
+    stack: Stack, streamed: bool
+) -> None:
+    # Cache-enabled in the tariffs, but no tokenizer maps it: nothing can be counted.
+    model = "demo-no-tokenizer"
+    stack.admin("models", "enable", model, "--min-prefix-tokens", "1")
+    result = send(stack, cached_request(model=model, stream=streamed), stack.new_key())
+
+    assert cache_fields(usage_of(result, streamed)) == ZERO_FIELDS
