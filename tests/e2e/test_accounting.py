@@ -682,3 +682,32 @@ def test_an_enabled_model_without_a_tokenizer_gets_zero_fields(
     result = send(stack, cached_request(model=model, stream=streamed), stack.new_key())
 
     assert cache_fields(usage_of(result, streamed)) == ZERO_FIELDS
+
+
+@pytest.mark.parametrize(
+    ("turns", "read"),
+    [
+        pytest.param(18, True, id="entry-19-boundaries-back-is-read"),
+        pytest.param(19, False, id="entry-20-boundaries-back-is-not-read"),
+    ],
+)
+def test_the_walk_back_reaches_19_boundaries_before_a_breakpoint(
+    stack: Stack, turns: int, read: bool
+) -> None:
+    (system,) = _count(stack, SYSTEM)
+    key = stack.new_key()
+    send(
+        stack,
+        {"model": "demo", "messages": [{"role": "system", "content": [text(SYSTEM, marker())]}]},
+        key,
+    )
+    _entries_after_commit(stack, key, 1)
+    messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM}]
+    messages += [{"role": "user", "content": f"turn {i}"} for i in range(turns)]
+    messages.append({"role": "user", "content": [text(DOCUMENT, marker())]})
+
+    usage = usage_of(send(stack, {"model": "demo", "messages": messages}, key), streamed=False)
+
+    # The only breakpoint is block turns + 1; the entry is at block 0.
+    assert usage["cache_read_input_tokens"] == (system if read else 0)
+    assert usage["cache_creation_input_tokens"] > 0
