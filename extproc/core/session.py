@@ -251,7 +251,6 @@ class Session:
             end_of_stream=True,
             usage_seen=edit.usage_seen,
             error_seen=edit.error_seen,
-            implausible=edit.implausible,
         )
         self.state = State.DONE
         return CONTINUE if edit.body is self._chunk else ReplaceBody(edit.body)
@@ -299,7 +298,6 @@ class Session:
             end_of_stream=end_of_stream,
             usage_seen=facts.usage_seen,
             error_seen=facts.error_seen,
-            implausible=facts.implausible,
             oversized=facts.oversized,
         )
         self.state = State.DONE

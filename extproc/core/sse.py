@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from extproc.core import codec
 from extproc.core.errors import UpstreamFormatError
 from extproc.core.model import Split
-from extproc.core.usage import is_error_document, parse_object, splice_usage
+from extproc.core.usage import inject_usage, is_error_document, parse_object
 
 MAX_EVENT_BYTES = 64 * 1024
 
@@ -65,7 +65,6 @@ class StreamFacts:
     usage_seen: bool
     error_seen: bool
     done_seen: bool
-    implausible: bool
     oversized: bool
 
 
@@ -93,14 +92,11 @@ class SseStream:
         self._usage_seen = False
         self._error_seen = False
         self._done_seen = False
-        self._implausible = False
         self._oversized = False
 
     @property
     def facts(self) -> StreamFacts:
-        return StreamFacts(
-            self._usage_seen, self._error_seen, self._done_seen, self._implausible, self._oversized
-        )
+        return StreamFacts(self._usage_seen, self._error_seen, self._done_seen, self._oversized)
 
     def feed(self, chunk: bytes) -> list[SseEvent]:
         """Complete events so far; an empty list means more data is needed."""
@@ -126,18 +122,17 @@ class SseStream:
         return events
 
     def edit_usage_event(self, event: SseEvent, split: Split) -> bytes:
-        """The usage frame's bytes with ``split`` spliced in; records an implausible split."""
+        """The usage frame's bytes with ``split`` spliced in."""
         if event.kind is not Kind.USAGE:
             raise ValueError(f"not the usage frame: {event.kind.value} event")
         payload = _data_payload(event.raw)
         doc = None if payload is None else parse_object(payload)
         if doc is None:
             raise ValueError("the usage frame carries no JSON object")
-        spliced = splice_usage(doc["usage"], split)
-        self._implausible = self._implausible or spliced.implausible
-        if spliced.usage == doc["usage"]:
+        edited = inject_usage(doc["usage"], split)
+        if edited == doc["usage"]:
             return event.raw
-        doc["usage"] = spliced.usage
+        doc["usage"] = edited
         return _replace_data(event.raw, codec.dumps(doc))
 
     def _pending(self, chunk: bytes) -> bytes | bytearray:

@@ -6,10 +6,8 @@ Rules:
   ``cache_read_input_tokens``, ``cache_creation_input_tokens`` and ``cache_creation``;
 * injection is idempotent: ``inject_usage(inject_usage(u, s), s) == inject_usage(u, s)``;
   the input object is never mutated;
-* a split is plausible only when its counts are non-negative and, if ``prompt_tokens`` is an
-  integer, read + creation does not exceed it; an implausible split is never shown: zeros are
-  injected instead, the result says ``implausible`` and the caller vetoes the commit (a wrong
-  discount is worse than none);
+* the split is shown as classify computed it (DESIGN §4.3): it is not checked against
+  ``prompt_tokens``, which counts chat-template tokens our per-block counts never see;
 * a body that is not edited comes back as the very same ``bytes`` object.
 """
 
@@ -22,16 +20,6 @@ from typing import Any
 from extproc.core import codec
 from extproc.core.model import Split, Tier
 
-ZERO_SPLIT = Split()
-
-
-@dataclass(frozen=True, slots=True)
-class Spliced:
-    """A usage object with the cache fields injected, and whether the split had to be zeroed."""
-
-    usage: dict[str, Any]
-    implausible: bool
-
 
 @dataclass(frozen=True, slots=True)
 class JsonBodyEdit:
@@ -40,22 +28,10 @@ class JsonBodyEdit:
     body: bytes
     usage_seen: bool = False
     error_seen: bool = False
-    implausible: bool = False
-
-
-def is_plausible(usage: Mapping[str, Any], split: Split) -> bool:
-    """Whether ``split`` can be shown on ``usage`` without overstating the cached tokens."""
-    counts = (split.read, *split.creation.values())
-    if any(n < 0 for n in counts):
-        return False
-    prompt = usage.get("prompt_tokens")
-    if isinstance(prompt, bool) or not isinstance(prompt, int):
-        return True
-    return split.read + split.creation_total <= prompt
 
 
 def inject_usage(usage: Mapping[str, Any], split: Split) -> dict[str, Any]:
-    """A copy of ``usage`` carrying ``split`` in the cache fields (no plausibility check)."""
+    """A copy of ``usage`` carrying ``split`` in the cache fields."""
     out = dict(usage)
     details = out.get("prompt_tokens_details")
     details = dict(details) if isinstance(details, dict) else {}
@@ -65,13 +41,6 @@ def inject_usage(usage: Mapping[str, Any], split: Split) -> dict[str, Any]:
     out["cache_creation_input_tokens"] = split.creation_total
     out["cache_creation"] = {tier.usage_key: split.created(tier) for tier in Tier}
     return out
-
-
-def splice_usage(usage: Mapping[str, Any], split: Split) -> Spliced:
-    """Inject ``split`` when plausible, else zeros flagged ``implausible`` (veto the commit)."""
-    if is_plausible(usage, split):
-        return Spliced(inject_usage(usage, split), implausible=False)
-    return Spliced(inject_usage(usage, ZERO_SPLIT), implausible=True)
 
 
 def is_error_document(doc: Mapping[str, Any]) -> bool:
@@ -98,8 +67,8 @@ def edit_json_body(raw: bytes, split: Split | None) -> JsonBodyEdit:
     error_seen = is_error_document(doc)
     if split is None or not isinstance(usage, dict):
         return JsonBodyEdit(raw, usage_seen, error_seen)
-    spliced = splice_usage(usage, split)
-    if spliced.usage == usage:
-        return JsonBodyEdit(raw, True, error_seen, spliced.implausible)
-    doc["usage"] = spliced.usage
-    return JsonBodyEdit(codec.dumps(doc), True, error_seen, spliced.implausible)
+    edited = inject_usage(usage, split)
+    if edited == usage:
+        return JsonBodyEdit(raw, True, error_seen)
+    doc["usage"] = edited
+    return JsonBodyEdit(codec.dumps(doc), True, error_seen)

@@ -2,8 +2,7 @@
 
 Rules:
 * commit only when the status is 2xx, the body reached its end of stream, no error object or
-  frame was seen, every event could be framed, a usage object was seen and the split shown
-  was plausible;
+  frame was seen, every event could be framed and a usage object was seen (DESIGN §4.4);
 * otherwise the veto is the first failed check in ``_CHECKS`` order (the root cause first: a
   stream cut short also lacks its usage frame), and its value is the metric label.
 """
@@ -23,7 +22,6 @@ class VetoReason(enum.Enum):
     ERROR_FRAME = "error_frame"
     OVERSIZED_EVENT = "oversized_event"
     NO_USAGE = "no_usage"
-    IMPLAUSIBLE_SPLIT = "implausible_split"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +32,6 @@ class ResponseFacts:
     end_of_stream: bool
     usage_seen: bool
     error_seen: bool = False
-    implausible: bool = False
     oversized: bool = False
 
 
@@ -54,7 +51,6 @@ _CHECKS: tuple[tuple[VetoReason, Callable[[ResponseFacts], bool]], ...] = (
     (VetoReason.ERROR_FRAME, lambda f: not f.error_seen),
     (VetoReason.OVERSIZED_EVENT, lambda f: not f.oversized),
     (VetoReason.NO_USAGE, lambda f: f.usage_seen),
-    (VetoReason.IMPLAUSIBLE_SPLIT, lambda f: not f.implausible),
 )
 
 

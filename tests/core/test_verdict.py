@@ -46,7 +46,6 @@ VETOES = [
         id="oversized-hid-the-usage",
     ),
     pytest.param({"usage_seen": False}, VetoReason.NO_USAGE, id="no-usage"),
-    pytest.param({"implausible": True}, VetoReason.IMPLAUSIBLE_SPLIT, id="implausible-split"),
 ]
 
 
