@@ -711,3 +711,18 @@ def test_the_walk_back_reaches_19_boundaries_before_a_breakpoint(
     # The only breakpoint is block turns + 1; the entry is at block 0.
     assert usage["cache_read_input_tokens"] == (system if read else 0)
     assert usage["cache_creation_input_tokens"] > 0
+
+
+def test_chat_requests_reach_the_upstream_without_accept_encoding(stack: Stack) -> None:
+    """A compressed answer could not be edited, so Envoy asks the upstream for plain bytes."""
+    answer = Answer(tag=tag())
+    with stack.client() as client:
+        response = client.post(
+            CHAT,
+            content=codec.dumps(cached_request()),
+            headers={**headers(stack.new_key(), answer), "accept-encoding": "gzip, br"},
+        )
+    assert response.status_code == 200
+    [record] = stack.records(answer.tag)
+    assert "accept-encoding" not in record.headers
+    assert cache_fields(response.json()["usage"])["created"] > 0
