@@ -504,7 +504,7 @@ class Bench:
             spec = LoadSpec(
                 connections=connections,
                 requests=self.args.requests if index == 0 else 10_000_000,
-                duration_s=0.0 if index == 0 else self.args.duration,
+                duration_s=self.args.latency_max_s if index == 0 else self.args.duration,
                 warmup=max(self.args.warmup, 4 * connections),
                 body=body,
                 bearer=bearer,
@@ -790,7 +790,12 @@ def _parser() -> argparse.ArgumentParser:
         "ext_proc server, measured in one run on 127.0.0.1.",
     )
     parser.add_argument("--requests", type=int, default=2000, help="requests at 1 connection")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per load run")
+    parser.add_argument(
+        "--duration", type=float, default=10.0, help="seconds of each throughput run"
+    )
+    parser.add_argument(
+        "--latency-max-s", type=float, default=60.0, help="cap on the 1-connection run"
+    )
     parser.add_argument("--connections", type=_counts, default=[1, 32], help="e.g. 1,32")
     parser.add_argument("--body-kb", type=int, default=16, help="request body size")
     parser.add_argument("--stream", action="store_true", help="SSE answers instead of JSON")
