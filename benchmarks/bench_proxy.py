@@ -559,7 +559,7 @@ def run_baselines(bench: Bench, wanted: set[str]) -> None:
         bench.children.stop(envoy)
     if "noop" in wanted:
         grpc_port = devstack.free_port()
-        mode = "streamed" if bench.stream else "buffered"
+        mode = bench.args.noop_response_mode or ("streamed" if bench.stream else "buffered")
         argv = python_argv("noop_extproc.py", "--port", str(grpc_port), "--response-mode", mode)
         sidecar = bench.children.start("noop", argv, child_env())
         wait_for(lambda: accepts(grpc_port), sidecar, "the no-op ext_proc server")
@@ -805,6 +805,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--warmup", type=int, default=200, help="unmeasured requests first")
     parser.add_argument("--only", type=_paths, default=list(PATHS), help=",".join(PATHS))
+    parser.add_argument(
+        "--noop-response-mode",
+        choices=("buffered", "streamed", "none"),
+        help="override the do-nothing server's response body mode (none: 3 messages)",
+    )
     parser.add_argument("--envoy-concurrency", type=int, default=1)
     parser.add_argument("--workers", type=int, default=1, help="EXTPROC_WORKERS")
     parser.add_argument("--classify-deadline-ms", type=int, default=150)

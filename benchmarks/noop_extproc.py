@@ -5,7 +5,8 @@ of the matching kind. To see the same messages as the real server, its response-
 switches the response body to ``BUFFERED`` (``--response-mode buffered``, JSON answers) or
 ``STREAMED`` (``streamed``, SSE answers; ``content-length`` removed), the two overrides the
 shipped bootstrap allows. So a JSON request costs 4 messages and a streamed one 3 plus one per
-body chunk.
+body chunk. ``--response-mode none`` leaves the response body alone (3 messages per request),
+which shows what one message costs.
 """
 
 from __future__ import annotations
@@ -39,8 +40,11 @@ def _continue(phase: str) -> pb.ProcessingResponse:
     return reply
 
 
-def _response_headers(streamed: bool) -> pb.ProcessingResponse:
+def _response_headers(mode_name: str) -> pb.ProcessingResponse:
     reply = _continue("response_headers")
+    if mode_name == "none":
+        return reply
+    streamed = mode_name == "streamed"
     mode = reply.mode_override
     mode.request_body_mode = _Mode.NONE
     mode.response_header_mode = _Mode.SEND
@@ -52,10 +56,10 @@ def _response_headers(streamed: bool) -> pb.ProcessingResponse:
     return reply
 
 
-def replies(streamed: bool) -> dict[str, bytes]:
+def replies(mode_name: str) -> dict[str, bytes]:
     """The serialised reply for each kind of message."""
     built = {phase: _continue(phase) for phase in PHASES}
-    built["response_headers"] = _response_headers(streamed)
+    built["response_headers"] = _response_headers(mode_name)
     return {phase: reply.SerializeToString() for phase, reply in built.items()}
 
 
@@ -73,9 +77,10 @@ def handler(answers: dict[str, bytes]) -> grpc.RpcMethodHandler[pb.ProcessingReq
     )
 
 
-async def serve(port: int, streamed: bool) -> None:
+async def serve(port: int, mode_name: str) -> None:
     server = grpc.aio.server()
-    generic = grpc.method_handlers_generic_handler(SERVICE, {"Process": handler(replies(streamed))})
+    methods = {"Process": handler(replies(mode_name))}
+    generic = grpc.method_handlers_generic_handler(SERVICE, methods)
     server.add_generic_rpc_handlers((generic,))
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
@@ -91,9 +96,11 @@ async def serve(port: int, streamed: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--response-mode", choices=("buffered", "streamed"), default="buffered")
+    parser.add_argument(
+        "--response-mode", choices=("buffered", "streamed", "none"), default="buffered"
+    )
     args = parser.parse_args(argv)
-    asyncio.run(serve(args.port, args.response_mode == "streamed"))
+    asyncio.run(serve(args.port, args.response_mode))
     return 0
 
 
