@@ -149,6 +149,10 @@ class ExternalProcessor:
             pump.close()
 
 
+# A classification that finished by then is handed over without waiting: on response headers
+# an inactive one spares watching the body (one message for JSON, one per chunk for SSE).
+_OFFER_PHASES = frozenset({proto.Phase.RESPONSE_HEADERS, proto.Phase.RESPONSE_BODY})
+
 # Reasons worth a warning: the request lost its accounting because something failed.
 _DEGRADED = frozenset({"dependency_error", "classify_error", "deadline_exceeded"})
 
@@ -165,7 +169,7 @@ class Pump:
 
     async def answer(self, message: pb.ProcessingRequest) -> bytes:
         phase, event = proto.to_event(message)
-        if phase is proto.Phase.RESPONSE_BODY:
+        if phase in _OFFER_PHASES:
             self._offer_if_ready()
         step = self.session.receive(event)
         if phase is proto.Phase.REQUEST_BODY and self.session.prepared is not None:
@@ -196,7 +200,7 @@ class Pump:
         if self._task is not None and not self._task.done():
             self._task.cancel()
             self._deps.metrics.classify_result("cancelled")
-        if not self._finished and self.session.has_job:
+        if not self._finished and self.session.has_job and self.session.is_awaiting_response:
             self._deps.metrics.veto(VetoReason.NO_END_OF_STREAM.value)
         if self.session.prepared is not None and self.session.classification is None:
             self._deps.metrics.outcome(Classification.inactive("not_joined"))

@@ -9,7 +9,8 @@ Rules:
 * a request body that is not a JSON object is forwarded untouched; invalid markers or an
   oversized body end the session with a ``Reject`` (the 400 envelope);
 * the classification is asked for only at the end of a JSON body or at the SSE usage frame,
-  never on response headers, and never while events before the usage frame wait in the same
+  never on response headers (one offered by then and known inactive means the body is not
+  watched), and never while events before the usage frame wait in the same
   chunk: those go out first and the usage frame is held for the next message (or offered a
   classification that is already there);
 * SSE bytes come out exactly once, in order; only the usage frame is rewritten; a partial
@@ -157,6 +158,15 @@ class Session:
         return self._job is not None
 
     @property
+    def is_awaiting_response(self) -> bool:
+        """Whether a watched response is still to come or under way (no verdict yet)."""
+        return self.state not in (State.PASSTHROUGH, State.DONE)
+
+    @property
+    def _known_inactive(self) -> bool:
+        return self.classification is not None and self.classification.split is None
+
+    @property
     def pending_commit(self) -> PendingWrite | None:
         """What to commit: only with a committing verdict and a non-empty pending write."""
         if self.verdict is None or not self.verdict.commit or self.classification is None:
@@ -224,8 +234,12 @@ class Session:
         return WatchResponse(mode)
 
     def _response_mode(self, event: ResponseHeaders) -> ResponseMode | None:
-        """Watch the body only when there is something to account and it can be edited."""
-        if self._job is None or not is_success(event.status):
+        """Watch the body only when there is something to account and it can be edited.
+
+        A classification already known to be inactive (offered before the response headers)
+        leaves nothing to edit or commit: the body is not watched at all.
+        """
+        if self._job is None or not is_success(event.status) or self._known_inactive:
             return None
         media = media_type(event.content_type)
         if media == SSE_TYPE:

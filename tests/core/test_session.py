@@ -410,6 +410,32 @@ def test_json_offered_classification_is_used_without_asking() -> None:
     assert isinstance(session.receive(s.ResponseBody(json_response(), True)), s.ReplaceBody)
 
 
+def test_known_inactive_classification_leaves_the_response_unwatched() -> None:
+    session = open_chat()
+    session.offer(INACTIVE)
+    assert session.receive(s.ResponseHeaders(200, "application/json")) is s.CONTINUE
+    assert not session.is_awaiting_response
+    assert session.receive(s.ResponseBody(json_response(), True)) is s.CONTINUE
+    assert session.verdict is None
+    assert session.pending_commit is None
+
+
+@pytest.mark.parametrize(
+    ("content_type", "mode"),
+    [
+        pytest.param("application/json", s.ResponseMode.BUFFERED, id="json"),
+        pytest.param("text/event-stream", s.ResponseMode.STREAMED, id="sse"),
+    ],
+)
+def test_known_active_classification_still_watches_the_response(
+    content_type: str, mode: s.ResponseMode
+) -> None:
+    session = open_chat()
+    session.offer(Classification.zero("no_markers", "m"))
+    assert session.receive(s.ResponseHeaders(200, content_type)) == s.WatchResponse(mode)
+    assert session.is_awaiting_response
+
+
 def test_offer_needs_a_job() -> None:
     session = open_chat(headers={})
     assert not session.wants_classification
