@@ -17,7 +17,6 @@ import collections
 import contextlib
 import signal
 import socket
-import struct
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from aiohttp import web
 from extproc.adapters.tokenizer_files import cached_tokenizer_json
 from extproc.adapters.tokenizers import LoadedTokenizer, count_tokens, load_tokenizer_file
 from extproc.core import codec
+from tests.fakes.connection import reset_connection
 
 # Loaded files, shared by every fake in the process (loading a real tokenizer takes a while).
 _LOADED: dict[Path, LoadedTokenizer] = {}
@@ -104,7 +104,7 @@ class FakeTokenizerService:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), self.faults.delay)
         if self.faults.reset:
-            _reset(request)
+            reset_connection(request)
             return web.Response(status=500)
         if self.faults.status is not None:
             return web.json_response({"error": "injected"}, status=self.faults.status)
@@ -147,17 +147,6 @@ class FakeTokenizerService:
 
 def _json(value: object, status: int = 200) -> web.Response:
     return web.Response(body=codec.dumps(value), status=status, content_type="application/json")
-
-
-def _reset(request: web.Request) -> None:
-    """Abort the connection so the client sees a reset (SO_LINGER 0), not a clean close."""
-    transport = request.transport
-    if transport is None:
-        return
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    transport.abort()
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

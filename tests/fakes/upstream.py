@@ -20,7 +20,6 @@ import dataclasses
 import itertools
 import signal
 import socket
-import struct
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from typing import Any
 from aiohttp import web
 
 from extproc.core import codec
+from tests.fakes.connection import reset_connection
 
 HEADER = "x-fake-upstream"
 CONTROL = "/__fake"
@@ -371,7 +371,7 @@ class FakeUpstream:
             if i == answer.reset_after:
                 await asyncio.sleep(DRAIN_BEFORE_RESET_S)
                 record.aborted = True
-                _reset(request)
+                reset_connection(request)
                 return
             if i == answer.pause_after and await _wait_for_close(request):
                 record.aborted = True
@@ -401,17 +401,6 @@ async def _wait_for_close(request: web.Request) -> bool:
             return True
         await asyncio.sleep(0.02)
     return False
-
-
-def _reset(request: web.Request) -> None:
-    """Abort the connection with a TCP reset (SO_LINGER 0), not a clean close."""
-    transport = request.transport
-    if transport is None:
-        return
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    transport.abort()
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
