@@ -139,17 +139,13 @@ def to_reply(phase: Phase, action: s.Action) -> bytes:
         return _expect(phase, Phase.REQUEST_HEADERS, _SKIP_REST)
     if isinstance(action, s.WatchResponse):
         return _expect(phase, Phase.RESPONSE_HEADERS, _WATCH[action.mode])
-    return to_response(phase, action).SerializeToString()
+    return _data_reply(phase, action).SerializeToString()
 
 
-def to_response(phase: Phase, action: s.Action) -> pb.ProcessingResponse:
-    """The one reply to a message of ``phase``; raises ``ProtocolError`` for a mismatch."""
-    if isinstance(action, s.Continue):
-        return _continue(phase)
-    if isinstance(action, s.SkipRest):
-        return _expect(phase, Phase.REQUEST_HEADERS, _skip_rest())
-    if isinstance(action, s.WatchResponse):
-        return _expect(phase, Phase.RESPONSE_HEADERS, _watch(action.mode))
+def _data_reply(
+    phase: Phase, action: s.Reject | s.ReplaceBody | s.EmitChunk
+) -> pb.ProcessingResponse:
+    """The reply for an action that carries data; raises ``ProtocolError`` for a mismatch."""
     if isinstance(action, s.Reject):
         return _expect(phase, Phase.REQUEST_BODY, immediate(action))
     if isinstance(action, s.ReplaceBody):
