@@ -4,7 +4,9 @@ Every call is bounded by a client-side deadline as well as the server's statemen
 every psycopg error (or a missed deadline) becomes ``DependencyError`` here, in one place.
 Index lookups and commits are tried once more, inside the same deadline, when the first try
 failed for the connection (severed, refused, the server shutting down, the pool still
-reconnecting), never for a logical error (a statement timeout, a constraint, bad data).
+reconnecting), never for a logical error (a statement timeout, a constraint, bad data). Before
+that second try the pool checks its idle connections, since one dead connection (a restarted
+or failed-over server) usually means they are all dead.
 """
 
 from __future__ import annotations
@@ -71,14 +73,20 @@ def is_connection_error(exc: BaseException) -> bool:
     return state is None or state.startswith("08") or state in _CONNECTION_STATES
 
 
-async def once_more_on_connection_error(attempt: Callable[[], Awaitable[T]], what: str) -> T:
-    """``attempt()``, repeated once when it failed for the connection."""
+async def once_more_on_connection_error(
+    attempt: Callable[[], Awaitable[T]],
+    what: str,
+    before_retry: Callable[[], Awaitable[None]] | None = None,
+) -> T:
+    """``attempt()``, repeated once (after ``before_retry``) when it failed for the connection."""
     try:
         return await attempt()
     except psycopg.Error as exc:
         if not is_connection_error(exc):
             raise
         _log.warning("%s: connection failed (%s), trying once more", what, describe(exc))
+    if before_retry is not None:
+        await before_retry()
     return await attempt()
 
 
@@ -159,7 +167,7 @@ class PgPrefixIndex:
         if not hashes:
             return []
         work = once_more_on_connection_error(
-            lambda: self._select(scope, list(hashes)), "index lookup"
+            lambda: self._select(scope, list(hashes)), "index lookup", self._pool.check
         )
         rows = await bounded(work, self._timeout, "index lookup")
         return [IndexHit(PrefixHash(bytes(h)), n, Tier(t)) for h, n, t in rows]
@@ -174,7 +182,7 @@ class PgPrefixIndex:
         entries = _entries_to_write(pending)
         if entries:
             work = once_more_on_connection_error(
-                lambda: self._upsert(pending.scope, entries), "index commit"
+                lambda: self._upsert(pending.scope, entries), "index commit", self._pool.check
             )
             await bounded(work, self._timeout, "index commit")
 

@@ -19,10 +19,10 @@ from extproc.core.model import (
     Outcome,
     PendingWrite,
     PrincipalId,
+    RequestPolicy,
     Scope,
     Split,
     Tier,
-    RequestPolicy,
 )
 from extproc.core.request import Prepared, prepare
 from tests.fakes.ports import Count, FakeIndex, FakeModels, FakePrincipals, FakeTokenizer
