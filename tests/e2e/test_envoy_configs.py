@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from extproc.config import Settings
 from extproc.envoyconf import (
     EnvoyConfError,
     EnvoyOptions,
@@ -114,7 +115,27 @@ def test_rendered_limits_follow_the_body_limit() -> None:
     ]
     assert listener["per_connection_buffer_limit_bytes"] == 300_000
     assert limits == [300_000, 300_000]
-    assert _ext_proc(config)["message_timeout"] == "5.500s"
+    assert _ext_proc(config)["message_timeout"] == "2s"
+    assert _ext_proc(config)["max_message_timeout"] == "30s"
+
+
+@pytest.mark.parametrize(
+    ("options", "timeout", "ceiling"),
+    [
+        pytest.param(EnvoyOptions(), "2s", "30s", id="defaults"),
+        pytest.param(EnvoyOptions(message_timeout_ms=500), "0.500s", "30s", id="short-timeout"),
+        pytest.param(EnvoyOptions(classify_deadline_ms=40_000), "2s", "41s", id="long-deadline"),
+    ],
+)
+def test_rendered_message_timeouts_let_the_server_extend_its_replies(
+    options: EnvoyOptions, timeout: str, ceiling: str
+) -> None:
+    ext_proc = _ext_proc(yaml.safe_load(render(options)))
+    assert (ext_proc["message_timeout"], ext_proc["max_message_timeout"]) == (timeout, ceiling)
+    env = options.server_env()
+    server = Settings.from_env({**env, "EXTPROC_DATABASE_URL": "postgresql://x@db/x"})
+    assert server.envoy_message_timeout_ms == options.message_timeout_ms
+    assert server.envoy_max_message_timeout_ms == options.max_message_timeout_ms
 
 
 @pytest.mark.parametrize(

@@ -113,9 +113,17 @@ class RecordingTokenizer(FakeTokenizerService):
     tokenize_delay: float = 0.0
     started: int = 0
     answered: int = 0
+    # Closed: tokenize calls wait until it opens (set from any thread).
+    gate: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.gate.set()
 
     async def _tokenize(self, request: web.Request) -> web.StreamResponse:
         self.started += 1
+        while not self.gate.is_set():
+            await asyncio.sleep(0.01)
         if self.tokenize_delay:
             await asyncio.sleep(self.tokenize_delay)
         try:
