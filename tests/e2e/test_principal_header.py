@@ -89,9 +89,12 @@ def written(stack: Stack, bearer: str) -> dict[str, Any]:
     return wait_for_read(stack, body, bearer)
 
 
-def forged(stack: Stack, bearer: str, victim: str) -> dict[str, Any]:
-    """The usage of a request whose client names ``victim``'s principal itself."""
-    header = parse_principal_source(stack.principal_source).stripped_header
+def forged(stack: Stack, bearer: str, victim: str, header: str | None = None) -> dict[str, Any]:
+    """The usage of a request whose client itself names ``victim``'s principal in ``header``.
+
+    ``header`` is by default the one the server trusts.
+    """
+    header = header or parse_principal_source(stack.principal_source).stripped_header
     with stack.client() as client:
         response = client.post(
             "/v1/chat/completions",
