@@ -23,9 +23,9 @@ from typing import Any
 import yaml
 
 from extproc.core.errors import ExtprocError
+from extproc.envoyconf import EXTPROC_FILTER
 from extproc.principals import PrincipalKind, PrincipalSource
 
-EXT_PROC = "envoy.filters.http.ext_proc"
 HEADER_MUTATION = "envoy.filters.http.header_mutation"
 HCM_TYPE = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 
@@ -139,7 +139,7 @@ def _hcm_removal(hcm: dict[str, Any]) -> frozenset[str] | None:
 
 def _is_ext_proc(http_filter: dict[str, Any]) -> bool:
     wrapped = (http_filter.get("typed_config") or {}).get("extension_config") or {}
-    return EXT_PROC in (http_filter.get("name"), wrapped.get("name"))
+    return EXTPROC_FILTER in (http_filter.get("name"), wrapped.get("name"))
 
 
 def _early_removals(hcm: dict[str, Any]) -> Iterator[str]:

@@ -16,12 +16,13 @@ from typing import Any
 
 import yaml
 
+from extproc.envoyconf import EARLY_HEADER_MUTATION
+from extproc.envoyconf import EXTPROC_FILTER as EXT_PROC
+
 ROOT = Path(__file__).resolve().parents[2]
 ENVOY_IMAGE = "envoyproxy/envoy:v1.40.0"
 ISTIO = ROOT / "deploy" / "istio" / "envoyfilter.yaml"
 GATEWAY = ROOT / "deploy" / "envoy-gateway" / "extension-policy.yaml"
-EXT_PROC = "envoy.filters.http.ext_proc"
-EARLY_HEADER_MUTATION = "envoy.http.early_header_mutation.header_mutation"
 EARLY_HEADER_MUTATION_TYPE = (
     "type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3."
     "HeaderMutation"

@@ -154,22 +154,16 @@ def test_render_strips_the_principal_header_it_is_given(
     assert _early_removals(yaml.safe_load(render(options))) == [{"remove": removed}]
 
 
+def _render_command(*args: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "extproc.envoyconf", "render", *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+
 def test_render_command_takes_the_principal_header() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "extproc.envoyconf", "render", "--principal-header", "x-org"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
+    done = _render_command("--principal-header", "x-org")
+    assert done.returncode == 0, done.stderr
     assert _early_removals(yaml.safe_load(done.stdout)) == [{"remove": "x-org"}]
-    refused = subprocess.run(
-        [sys.executable, "-m", "extproc.envoyconf", "render", "--principal-header", "host"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    refused = _render_command("--principal-header", "host")
     assert refused.returncode == 2
     assert "principal header: 'host' cannot carry the principal" in refused.stderr
 

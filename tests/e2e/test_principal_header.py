@@ -105,22 +105,31 @@ def forged(stack: Stack, bearer: str, victim: str, header: str | None = None) ->
     return dict(response.json()["usage"])
 
 
-def test_keys_of_one_tenant_share_its_entries(front: Stack) -> None:
+def check_keys_of_one_tenant_share_its_entries(stack: Stack) -> None:
     owner = tenant()
-    first = written(front, key(owner))
+    first = written(stack, key(owner))
 
-    usage = usage_of(send(front, cached_request(), key(owner)), streamed=False)
+    usage = usage_of(send(stack, cached_request(), key(owner)), streamed=False)
 
     assert usage["cache_read_input_tokens"] == first["cache_read_input_tokens"] > 0
 
 
-def test_a_client_supplied_principal_header_is_dropped(front: Stack) -> None:
+def check_forged_header_names_no_one(stack: Stack, header: str | None = None) -> None:
+    """A request without a known key, naming a victim in ``header``, gets no principal at all."""
     victim = tenant()
-    written(front, key(victim))
+    written(stack, key(victim))
 
-    usage = forged(front, f"bad-{secrets.token_hex(6)}", victim)
+    usage = forged(stack, f"bad-{secrets.token_hex(6)}", victim, header)
 
     assert "cache_read_input_tokens" not in usage  # no principal at all: left untouched
+
+
+def test_keys_of_one_tenant_share_its_entries(front: Stack) -> None:
+    check_keys_of_one_tenant_share_its_entries(front)
+
+
+def test_a_client_supplied_principal_header_is_dropped(front: Stack) -> None:
+    check_forged_header_names_no_one(front)
 
 
 def test_the_auth_filter_wins_over_a_forged_header(front: Stack) -> None:

@@ -7,13 +7,14 @@ the stack renders its bootstrap for the same name, as ``python -m extproc.envoyc
 
 from __future__ import annotations
 
-import secrets
-
 import pytest
 
 from extproc.principals import DEFAULT_PRINCIPAL_HEADER
-from tests.e2e.chat import cached_request, send, usage_of
-from tests.e2e.test_principal_header import auth_filter, forged, key, tenant, written
+from tests.e2e.test_principal_header import (
+    auth_filter,
+    check_forged_header_names_no_one,
+    check_keys_of_one_tenant_share_its_entries,
+)
 from tests.plugins.stack import Stack, StackSettings
 
 pytestmark = pytest.mark.e2e
@@ -23,27 +24,12 @@ STACK = StackSettings(principal_source=f"header:{HEADER}", envoy_patch=auth_filt
 
 
 def test_the_chosen_header_names_the_tenant(stack: Stack) -> None:
-    owner = tenant()
-    first = written(stack, key(owner))
-
-    usage = usage_of(send(stack, cached_request(), key(owner)), streamed=False)
-
-    assert usage["cache_read_input_tokens"] == first["cache_read_input_tokens"] > 0
+    check_keys_of_one_tenant_share_its_entries(stack)
 
 
 def test_a_client_supplied_copy_of_the_chosen_header_is_dropped(stack: Stack) -> None:
-    victim = tenant()
-    written(stack, key(victim))
-
-    usage = forged(stack, f"bad-{secrets.token_hex(6)}", victim)
-
-    assert "cache_read_input_tokens" not in usage
+    check_forged_header_names_no_one(stack)
 
 
 def test_the_default_header_names_no_one_here(stack: Stack) -> None:
-    victim = tenant()
-    written(stack, key(victim))
-
-    usage = forged(stack, f"bad-{secrets.token_hex(6)}", victim, DEFAULT_PRINCIPAL_HEADER)
-
-    assert "cache_read_input_tokens" not in usage
+    check_forged_header_names_no_one(stack, DEFAULT_PRINCIPAL_HEADER)
