@@ -1,4 +1,4 @@
-"""Render the shipped Envoy bootstrap for other addresses, ports, limits and failure modes.
+"""Render the shipped Envoy bootstrap for other addresses, limits, failure modes and headers.
 
 The packaged ``extproc/envoy/envoy.yaml`` is the one source: ``envoy/envoy.yaml`` at the top of
 the repository is a byte-identical copy, ``envoy/envoy-fail-open.yaml`` is derived from it by

@@ -99,7 +99,8 @@ def forged(stack: Stack, bearer: str, victim: str, header: str | None = None) ->
         response = client.post(
             "/v1/chat/completions",
             json=cached_request(),
-            headers={"authorization": f"Bearer {bearer}", header: f"tenant-{victim}"},
+            # Mixed case on the wire: header names are case-insensitive, and so is the removal.
+            headers={"authorization": f"Bearer {bearer}", header.title(): f"tenant-{victim}"},
         )
     assert response.status_code == 200
     return dict(response.json()["usage"])
