@@ -69,6 +69,8 @@ class StackSettings:
     tokenizer_only: tuple[str, ...] = ("demo-off",)
     principal_source: str = "key_hash"
     classify_deadline_ms: int = 5000
+    # Envoy's ext_proc message_timeout (the server is told it, and extends longer waits).
+    message_timeout_ms: int = 2000
     max_body_bytes: int = 256 * 1024
     # The 24h tier stays disabled so the tier_disabled rejection can be seen.
     enabled_ttls: str = "5m,1h"
@@ -354,8 +356,7 @@ def _extproc_env(
             "EXTPROC_DATABASE_URL": database_url,
             "EXTPROC_PRINCIPAL_SOURCE": settings.principal_source,
             "EXTPROC_TOKENIZER_URL": tokenizer_url,
-            "EXTPROC_CLASSIFY_DEADLINE_MS": str(settings.classify_deadline_ms),
-            "EXTPROC_MAX_BODY_BYTES": str(settings.max_body_bytes),
+            **_timing(settings).server_env(),
             "EXTPROC_ENABLED_TTLS": settings.enabled_ttls,
             "EXTPROC_METRICS_LISTEN": "off",
             "EXTPROC_SHUTDOWN_GRACE_S": str(settings.shutdown_grace_s),
@@ -364,6 +365,15 @@ def _extproc_env(
     )
     env.update(dict(settings.extra_env))
     return env
+
+
+def _timing(settings: StackSettings) -> EnvoyOptions:
+    """The Envoy options the server's settings must agree with."""
+    return EnvoyOptions(
+        max_body_bytes=settings.max_body_bytes,
+        classify_deadline_ms=settings.classify_deadline_ms,
+        message_timeout_ms=settings.message_timeout_ms,
+    )
 
 
 def _envoy_listener_port(admin_url: str) -> int | None:
@@ -417,6 +427,7 @@ def launch_envoy(
         max_body_bytes=settings.max_body_bytes,
         classify_deadline_ms=settings.classify_deadline_ms,
         fail_open=settings.fail_open,
+        message_timeout_ms=settings.message_timeout_ms,
         principal_header=parse_principal_source(settings.principal_source).stripped_header,
     )
     if patches is None:
