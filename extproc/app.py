@@ -32,7 +32,7 @@ from extproc.adapters.telemetry import (
 )
 from extproc.adapters.tokenizers import build_tokenizer
 from extproc.adapters.tokenizers_remote import RemoteTimeouts
-from extproc.config import HostPort, PrincipalKind, Settings, reply_budget_ms
+from extproc.config import HostPort, Settings, reply_budget_ms
 from extproc.core.classify import ClassifyPorts
 from extproc.core.errors import DependencyError, ExtprocError
 from extproc.core.session import SessionPolicy
@@ -131,7 +131,7 @@ class App:
         await asyncio.to_thread(tokenizer.validate)  # a bad file fails the start, not a request
         pool = await _open_pool_retrying(s.database_url)
         self._resources.closers.append(pool.close)
-        principals = build_principal_resolver(str(s.principal_source), pool)
+        principals = build_principal_resolver(s.principal_source, pool)
         models = PgModelConfigResolver(pool)
         metrics.observe_caches(
             {
@@ -165,12 +165,11 @@ class App:
         self._resources.closers.append(sweeper.stop)
 
     def _session_policy(self) -> SessionPolicy:
-        source = self.settings.principal_source
-        keep = frozenset({source.header}) if source.kind is PrincipalKind.HEADER else frozenset()
+        header = self.settings.principal_source.header
         return SessionPolicy(
             request=self.settings.request_policy,
             max_body_bytes=self.settings.max_body_bytes,
-            caller_headers=frozenset(h for h in keep if h is not None),
+            caller_headers=frozenset() if header is None else frozenset({header}),
             scrub=self.settings.scrub_provider_cache,
         )
 

@@ -8,7 +8,6 @@ raises one ``ConfigError`` that lists every problem.
 
 from __future__ import annotations
 
-import enum
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -20,6 +19,8 @@ from extproc.adapters.tokenizers import parse_tokenizer_map
 from extproc.core.classify import EngineCache
 from extproc.core.errors import ExtprocError
 from extproc.core.model import DEFAULT_TELEMETRY_PREFIXES, RequestPolicy, Tier, TierPolicy
+from extproc.principals import API_KEYS, PrincipalSource, parse_principal_source
+from extproc.principals import PrincipalKind as PrincipalKind  # re-exported for callers
 
 PREFIX = "EXTPROC_"
 MIB = 1 << 20
@@ -64,25 +65,6 @@ class ConfigError(ExtprocError):
         self.problems = tuple(problems)
 
 
-class PrincipalKind(enum.Enum):
-    """Where the billing principal comes from (DESIGN §6)."""
-
-    API_KEYS = "api_keys"
-    HEADER = "header"
-    KEY_HASH = "key_hash"
-
-
-@dataclass(frozen=True, slots=True)
-class PrincipalSource:
-    """The principal source; ``header`` is the trusted header's name for ``HEADER``."""
-
-    kind: PrincipalKind
-    header: str | None = None
-
-    def __str__(self) -> str:
-        return f"header:{self.header}" if self.kind is PrincipalKind.HEADER else self.kind.value
-
-
 @dataclass(frozen=True, slots=True)
 class HostPort:
     """A TCP listen address."""
@@ -101,7 +83,7 @@ class Settings:
     listen: str = "127.0.0.1:50051"
     database_url: str = ""
     tiers: TierPolicy = field(default_factory=TierPolicy)
-    principal_source: PrincipalSource = PrincipalSource(PrincipalKind.API_KEYS)
+    principal_source: PrincipalSource = API_KEYS
     tokenizer_url: str | None = None
     tokenizers: tuple[tuple[str, str], ...] = ()
     tokenizer_timeout_ms: int = 1000
@@ -318,24 +300,6 @@ def _check_message_timeouts(parsed: Mapping[str, Any], problems: list[str]) -> N
         )
 
 
-_HEADER_NAME = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
-
-
-def _principal_source(text: str) -> PrincipalSource:
-    if text.startswith("header:"):
-        name = text.removeprefix("header:").strip().lower()
-        if not _HEADER_NAME.fullmatch(name):
-            raise ValueError("header:<name> needs a valid HTTP header name")
-        return PrincipalSource(PrincipalKind.HEADER, name)
-    try:
-        kind = PrincipalKind(text)
-    except ValueError:
-        raise ValueError("expected api_keys, key_hash or header:<name>") from None
-    if kind is PrincipalKind.HEADER:
-        raise ValueError("header needs a name: header:<name>")
-    return PrincipalSource(kind)
-
-
 def _tokenizer_files(text: str) -> tuple[tuple[str, str], ...]:
     """``alias=path`` pairs separated by commas, or a JSON object of alias to path."""
     return tuple(parse_tokenizer_map(text).items())
@@ -421,7 +385,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "DATABASE_URL": _database_url,
     "ENABLED_TTLS": _tiers,
     "DEFAULT_TTL": _tier,
-    "PRINCIPAL_SOURCE": _principal_source,
+    "PRINCIPAL_SOURCE": parse_principal_source,
     "TOKENIZER_URL": _tokenizer_url,
     "TOKENIZERS": _tokenizer_files,
     "TOKENIZER_TIMEOUT_MS": _bounded_int(1, 60_000),

@@ -1,4 +1,4 @@
-"""Render the shipped Envoy bootstrap for other addresses, ports, limits and failure modes.
+"""Render the shipped Envoy bootstrap for other addresses, limits, failure modes and headers.
 
 The packaged ``extproc/envoy/envoy.yaml`` is the one source: ``envoy/envoy.yaml`` at the top of
 the repository is a byte-identical copy, ``envoy/envoy-fail-open.yaml`` is derived from it by
@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from extproc.config import Settings
+from extproc.principals import DEFAULT_PRINCIPAL_HEADER, parse_header_name
 
 MIB = 1 << 20
 _SERVER_DEFAULTS = Settings()
@@ -41,6 +42,7 @@ LISTENER = "llm_ingress"
 UPSTREAM_CLUSTER = "llm"
 EXTPROC_CLUSTER = "ext_proc"
 EXTPROC_FILTER = "envoy.filters.http.ext_proc"
+EARLY_HEADER_MUTATION = "envoy.http.early_header_mutation.header_mutation"
 
 
 class EnvoyConfError(ValueError):
@@ -90,6 +92,9 @@ class EnvoyOptions:
     classify_deadline_ms: int = DEFAULT_CLASSIFY_DEADLINE_MS
     fail_open: bool = False
     message_timeout_ms: int = BASE_MESSAGE_TIMEOUT_MS
+    # The trusted header of EXTPROC_PRINCIPAL_SOURCE=header:<name>: every client copy is removed
+    # before any HTTP filter runs, so only the authentication filter's value reaches ext_proc.
+    principal_header: str = DEFAULT_PRINCIPAL_HEADER
 
     @property
     def max_message_timeout_ms(self) -> int:
@@ -170,10 +175,21 @@ def _patch_listener(listener: dict[str, Any], options: EnvoyOptions) -> None:
         for route in host["routes"]:
             if "request_body_buffer_limit" in route:
                 route["request_body_buffer_limit"] = options.max_body_bytes
+    _patch_principal_strip(hcm, options.principal_header)
     ext_proc = _named(hcm["http_filters"], EXTPROC_FILTER)["typed_config"]
     ext_proc["failure_mode_allow"] = options.fail_open
     ext_proc["message_timeout"] = _duration(options.message_timeout_ms)
     ext_proc["max_message_timeout"] = _duration(options.max_message_timeout_ms)
+
+
+def _patch_principal_strip(hcm: dict[str, Any], header: str) -> None:
+    """The early header mutation removes the client's copy of ``header`` (and nothing else)."""
+    try:
+        name = parse_header_name(header)
+    except ValueError as exc:
+        raise EnvoyConfError(f"principal header: {exc}") from None
+    early = _named(hcm.get("early_header_mutation_extensions", []), EARLY_HEADER_MUTATION)
+    early["typed_config"]["mutations"] = [{"remove": name}]
 
 
 def _duration(ms: int) -> str:
@@ -249,6 +265,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     render_cmd.add_argument("--message-timeout-ms", type=int, default=defaults.message_timeout_ms)
     render_cmd.add_argument("--fail-open", action="store_true")
+    render_cmd.add_argument(
+        "--principal-header",
+        metavar="NAME",
+        default=defaults.principal_header,
+        help="the header of EXTPROC_PRINCIPAL_SOURCE=header:NAME, removed from every client "
+        f"request before any HTTP filter (default {defaults.principal_header})",
+    )
     return parser
 
 
@@ -267,6 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         classify_deadline_ms=args.classify_deadline_ms,
         fail_open=args.fail_open,
         message_timeout_ms=args.message_timeout_ms,
+        principal_header=args.principal_header,
     )
     try:
         sys.stdout.write(render(options))

@@ -37,6 +37,7 @@ RENDERED = [
     pytest.param(EnvoyOptions(upstream_url="https://api.example.com"), id="tls-named-upstream"),
     pytest.param(EnvoyOptions(upstream_url="http://vllm:8000"), id="named-upstream"),
     pytest.param(EnvoyOptions(max_body_bytes=64 << 20, classify_deadline_ms=5000), id="big-limits"),
+    pytest.param(EnvoyOptions(principal_header="X-Tenant~Id"), id="principal-header"),
 ]
 
 
@@ -145,11 +146,47 @@ def test_rendered_message_timeouts_let_the_server_extend_its_replies(
         pytest.param(EnvoyOptions(upstream_url="http://x/v1"), id="upstream-with-path"),
         pytest.param(EnvoyOptions(extproc_address="localhost"), id="extproc-without-port"),
         pytest.param(EnvoyOptions(extproc_address="unix:"), id="empty-unix-path"),
+        pytest.param(EnvoyOptions(principal_header="x tenant"), id="principal-header-not-a-name"),
+        pytest.param(EnvoyOptions(principal_header="authorization"), id="principal-header-unsafe"),
     ],
 )
 def test_render_refuses_what_envoy_cannot_express(options: EnvoyOptions) -> None:
     with pytest.raises(EnvoyConfError):
         render(options)
+
+
+def _early_removals(config: dict[str, Any]) -> list[dict[str, Any]]:
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    (early,) = hcm["typed_config"]["early_header_mutation_extensions"]
+    mutations: list[dict[str, Any]] = early["typed_config"]["mutations"]
+    return mutations
+
+
+@pytest.mark.parametrize(
+    ("options", "removed"),
+    [
+        pytest.param(EnvoyOptions(), "x-extproc-principal", id="default"),
+        pytest.param(EnvoyOptions(principal_header=" X-Tenant~Id "), "x-tenant~id", id="chosen"),
+    ],
+)
+def test_render_strips_the_principal_header_it_is_given(
+    options: EnvoyOptions, removed: str
+) -> None:
+    assert _early_removals(yaml.safe_load(render(options))) == [{"remove": removed}]
+
+
+def _render_command(*args: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "extproc.envoyconf", "render", *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_render_command_takes_the_principal_header() -> None:
+    done = _render_command("--principal-header", "x-org")
+    assert done.returncode == 0, done.stderr
+    assert _early_removals(yaml.safe_load(done.stdout)) == [{"remove": "x-org"}]
+    refused = _render_command("--principal-header", "host")
+    assert refused.returncode == 2
+    assert "principal header: 'host' cannot carry the principal" in refused.stderr
 
 
 OVERRIDES = [

@@ -47,6 +47,7 @@ from extproc.adapters.tokenizer_files import cached_tokenizer_json
 from extproc.adapters.tokenizers import count_tokens
 from extproc.commands.health import probe
 from extproc.envoyconf import EnvoyOptions, render
+from extproc.principals import parse_principal_source
 from tests.fakes.tokenizer_service import FakeTokenizerService
 from tests.fakes.upstream import FakeUpstream, Record
 from tests.plugins.postgres import PgServer
@@ -79,6 +80,7 @@ class StackSettings:
     # Envoy reaches the server over a Unix socket instead of loopback TCP.
     unix_socket: bool = False
     # Changes the rendered Envoy bootstrap (parsed) before Envoy starts, e.g. to add filters.
+    # The bootstrap already removes client copies of the principal source's header.
     envoy_patch: Callable[[dict[str, Any]], None] | None = None
 
 
@@ -405,6 +407,25 @@ def _envoy_ready(admin_path: Path) -> bool:
 
 
 def start_envoy(stack: Stack, settings: StackSettings, workdir: Path) -> None:
+    stack.url, stack.envoy_admin_url = launch_envoy(stack, settings, workdir)
+
+
+EnvoyPatch = Callable[[dict[str, Any]], None]
+
+
+def launch_envoy(
+    stack: Stack,
+    settings: StackSettings,
+    workdir: Path,
+    patches: tuple[EnvoyPatch, ...] | None = None,
+    name: str = "envoy",
+) -> tuple[str, str]:
+    """Start an Envoy in front of the stack's server; its listener and admin URLs.
+
+    The bootstrap is rendered for the stack (the principal header the server trusts included),
+    then changed by ``patches`` in order (by default the module's ``envoy_patch``). The process
+    stops with the stack.
+    """
     options = EnvoyOptions(
         listen_host="127.0.0.1",
         listen_port=0,
@@ -415,26 +436,27 @@ def start_envoy(stack: Stack, settings: StackSettings, workdir: Path) -> None:
         classify_deadline_ms=settings.classify_deadline_ms,
         fail_open=settings.fail_open,
         message_timeout_ms=settings.message_timeout_ms,
+        principal_header=parse_principal_source(settings.principal_source).stripped_header,
     )
-    config = workdir / "envoy.yaml"
-    text = render(options)
-    if settings.envoy_patch is not None:
-        parsed = yaml.safe_load(text)
-        settings.envoy_patch(parsed)
-        text = yaml.safe_dump(parsed, sort_keys=False)
-    config.write_text(text)
-    admin_path = workdir / "envoy-admin.txt"
+    if patches is None:
+        patches = () if settings.envoy_patch is None else (settings.envoy_patch,)
+    config = workdir / f"{name}.yaml"
+    parsed = yaml.safe_load(render(options))
+    for patch in patches:
+        patch(parsed)
+    config.write_text(yaml.safe_dump(parsed, sort_keys=False))
+    admin_path = workdir / f"{name}-admin.txt"
     argv = [ENVOY, "-c", str(config), "--disable-hot-restart", "--concurrency", "1"]
     argv += ["-l", "warning", "--admin-address-path", str(admin_path)]
     argv += ["--file-flush-interval-msec", "100"]
-    envoy = ManagedProcess("envoy", argv, dict(os.environ), workdir / "envoy.log")
+    envoy = ManagedProcess(name, argv, dict(os.environ), workdir / f"{name}.log")
     stack.processes.append(envoy)
     envoy.start()
-    _wait_until("envoy", lambda: _envoy_ready(admin_path), [envoy])
-    stack.envoy_admin_url = f"http://{admin_path.read_text().strip()}"
-    port = _envoy_listener_port(stack.envoy_admin_url)
+    _wait_until(name, lambda: _envoy_ready(admin_path), [envoy])
+    admin_url = f"http://{admin_path.read_text().strip()}"
+    port = _envoy_listener_port(admin_url)
     assert port is not None, envoy.tail()
-    stack.url = f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{port}", admin_url
 
 
 def _local_stack(
