@@ -12,6 +12,7 @@ import httpx
 import pytest
 import yaml
 
+from extproc.config import Settings, reply_budget_ms
 from extproc.devstack import free_port
 from extproc.envoyconf import EnvoyOptions, render, template_text
 from extproc.principals import DEFAULT_PRINCIPAL_HEADER
@@ -21,6 +22,7 @@ from tests.deploy.manifests import (
     EXT_PROC,
     GATEWAY,
     ISTIO,
+    ROOT,
     as_istio_sidecar,
     endpoint,
     envoy_binary,
@@ -230,7 +232,21 @@ def test_policy_processing_matches_the_server(
     assert mode["response"] == {}, "response headers sent, body mode left to the server"
     assert mode["allowModeOverride"] is reference["allow_mode_override"] is True
     assert ext_proc["failOpen"] is reference["failure_mode_allow"] is False
-    assert ext_proc["messageTimeout"] == reference["message_timeout"]
+
+
+def test_policy_timeout_holds_the_whole_classify_deadline(
+    gateway: dict[str, dict[str, Any]],
+) -> None:
+    """The policy cannot allow timer extensions: the server must know, and still fit."""
+    (ext_proc,) = gateway["EnvoyExtensionPolicy"]["spec"]["extProc"]
+    (container,) = gateway["Deployment"]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    assert env["EXTPROC_ENVOY_MAX_MESSAGE_TIMEOUT_MS"] == "0"
+    timeout_ms = int(float(ext_proc["messageTimeout"].removesuffix("s")) * 1000)
+    assert env["EXTPROC_ENVOY_MESSAGE_TIMEOUT_MS"] == str(timeout_ms)
+    shared = load_all(ROOT / "deploy" / "kubernetes" / "settings-configmap.yaml")[0]["data"]
+    settings = Settings.from_env({**shared, **env, "EXTPROC_DATABASE_URL": "postgresql://x@db/x"})
+    assert settings.classify_deadline_ms <= reply_budget_ms(settings.envoy_message_timeout_ms)
 
 
 def test_policy_backend_is_the_extproc_service(gateway: dict[str, dict[str, Any]]) -> None:

@@ -124,8 +124,8 @@ class RecordingTokenizer(FakeTokenizerService):
 
     async def _tokenize(self, request: web.Request) -> web.StreamResponse:
         self.started += 1
-        while not self.gate.is_set():
-            await asyncio.sleep(0.01)
+        if not self.gate.is_set():
+            await asyncio.to_thread(self.gate.wait)
         if self.tokenize_delay:
             await asyncio.sleep(self.tokenize_delay)
         try:
