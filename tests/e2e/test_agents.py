@@ -502,3 +502,66 @@ def test_the_openai_client_with_tools_and_automatic_caching(stack: Stack) -> Non
     assert (second["cache_read_input_tokens"], second["cache_creation_input_tokens"]) == (total, 0)
     assert usages[1].prompt_tokens_details is not None
     assert usages[1].prompt_tokens_details.cached_tokens == total
+
+
+# ---- telemetry blocks (stripped by default) ----
+
+BILLING = "x-anthropic-billing-header: cc_version=2.1.3; cc_entrypoint=cli; cch={nonce};"
+
+
+def telemetry_request(nonce: str) -> dict[str, Any]:
+    return {
+        "model": "demo",
+        "messages": [
+            {
+                "role": "system",
+                "content": [
+                    text("  " + BILLING.format(nonce=nonce)),
+                    text(SYSTEM, marker()),
+                ],
+            },
+            {"role": "user", "content": "hi"},
+        ],
+    }
+
+
+def test_telemetry_blocks_are_left_out_and_removed(stack: Stack) -> None:
+    key = stack.new_key()
+    first = send(stack, telemetry_request(tag()), key)
+    forwarded = codec.loads(first.upstream_body or b"")
+    assert forwarded["messages"][0]["content"] == [{"type": "text", "text": SYSTEM}]
+    created = _tokens(stack, SYSTEM)
+    assert cache_fields(usage_of(first, streamed=False))["created"] == created
+
+    # Another nonce on every request: the billing block never changes the prefix.
+    _until_read(stack, telemetry_request(tag()), key, created)
+
+
+# ---- bodies only a lossless reader reads ----
+
+HOSTILE = [
+    pytest.param(b'"n":1180591620717411303424', id="integer-beyond-64-bits"),
+    pytest.param(b'"x":1e400,"y":-1e400', id="beyond-double"),
+    pytest.param(b'"s":"\\ud800 lone"', id="escaped-lone-surrogate"),
+    pytest.param(b'"d":' + b"[" * 1500 + b"]" * 1500, id="deeper-than-orjson"),
+    pytest.param(b'"k":1,"k":2', id="duplicate-keys"),
+]
+CUT = b',"cache_control":{"type":"ephemeral"}'
+
+
+@pytest.mark.parametrize("member", HOSTILE)
+def test_hostile_values_reach_the_upstream_as_sent_and_markers_never(
+    stack: Stack, member: bytes
+) -> None:
+    raw = (
+        b'{"model":"demo",'
+        + member
+        + b',"messages":[{"role":"user","content":[{"type":"text","text":"'
+        + SYSTEM.encode()
+        + b'"'
+        + CUT
+        + b"}]}]}"
+    )
+    result = exchange(stack, raw, stack.new_key())
+
+    assert result.upstream_body == raw.replace(CUT, b"")
