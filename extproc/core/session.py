@@ -358,6 +358,10 @@ class Session:
     def _on_passthrough(self, _event: Event) -> Step:
         return CONTINUE
 
+    def _on_unknown_request(self, _event: ResponseHeaders) -> Step:
+        self.state = State.PASSTHROUGH
+        return CONTINUE
+
 
 _PASS_ALL: dict[type, _Handler] = dict.fromkeys(EVENT_TYPES, Session._on_passthrough)
 
@@ -366,6 +370,9 @@ _TABLE: dict[State, dict[type, _Handler]] = {
     State.REQUEST_HEADERS: {
         RequestHeaders: Session._on_request_headers,
         RequestBody: Session._on_body_first,  # request headers skipped
+        # Request headers skipped and no body message: a bodiless request, or a local reply
+        # (e.g. Envoy's 413) before the body. Nothing is known about the request: not ours.
+        ResponseHeaders: Session._on_unknown_request,
     },
     State.REQUEST_BODY: {
         RequestBody: Session._on_request_body,
