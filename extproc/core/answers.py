@@ -6,6 +6,8 @@ Rules:
 * the first *final* usage frame waits for the classification, unless events before it wait in
   the same chunk: those go out first and the frame is held for the next message; at the end
   of the stream nothing can be held, so the frame waits there;
+* a chunk that cannot hold a usage, error or ``[DONE]`` frame, with nothing held before it,
+  passes as it is without being framed (``SseStream.passes_whole``);
 * a streamed answer is SSE unless its first bytes open a JSON document (``looks_like_sse``).
 """
 
@@ -32,12 +34,18 @@ class SseAnswer:
     def feed(self, chunk: bytes, end_of_stream: bool) -> None:
         """Take the next chunk; frames it into events to drain."""
         self.chunk, self.ended = chunk, end_of_stream
+        if not self._backlog and self._stream.passes_whole(chunk):
+            self._backlog.append(SseEvent(chunk))  # nothing in it can matter: not framed
+        else:
+            self._take(chunk)
+        if end_of_stream:
+            self._backlog += self._stream.flush()
+
+    def _take(self, chunk: bytes) -> None:
         try:
             self._backlog += self._stream.feed(chunk)
         except sse.EventTooLarge as err:
             self._backlog.append(SseEvent(err.pending))
-        if end_of_stream:
-            self._backlog += self._stream.flush()
 
     def drain(self, known: bool, rule: usage.UsageRule) -> bytes | None:
         """The bytes to send for this chunk, or ``None``: the classification must come first.

@@ -13,7 +13,8 @@ Rules:
   ``\\n``, ``\\r\\n`` and ``\\r`` mixed freely; a blank line that ends in ``\\r`` at the end of
   the data waits for the next byte, which may make it ``\\r\\n``;
 * an event is JSON-parsed only when its bytes contain ``"error"`` or ``[DONE]``, or
-  ``"usage"`` other than as ``"usage":null``;
+  ``"usage"`` other than as ``"usage":null``; ``passes_whole`` says when a chunk of whole
+  events cannot matter at all (then it need not be fed);
 * a usage-bearing frame is one whose data is a JSON object with a ``usage`` object and no
   error; it is *final* (``Kind.FINAL``) when its ``choices`` is empty or absent or one of
   them has a ``finish_reason``, else ``Kind.USAGE`` (vLLM's continuous usage stats); an error
@@ -116,6 +117,22 @@ class SseStream:
             ends.pop()  # its blank line may yet become "\r\n"
         self._check_size(data, ends)
         return self._take(data, ends)
+
+    def passes_whole(self, chunk: bytes) -> bool:
+        """Whether ``chunk`` is whole events that cannot matter, so it need not be framed.
+
+        Nothing held, no byte that could start a usage, error or ``[DONE]`` frame, and the
+        chunk ends with a blank line (``\\n\\n``): a caller may pass it on as it is (a few
+        byte scans instead of the framing regex, and no copy) without feeding it.
+        """
+        return (
+            not self._buf
+            and len(chunk) <= self._max
+            and chunk.endswith(b"\n\n")
+            and b"usage" not in chunk
+            and b"error" not in chunk
+            and b"[DONE]" not in chunk
+        )
 
     def flush(self) -> list[SseEvent]:
         """At end of stream: the held events, then any unterminated rest as a plain event.

@@ -628,3 +628,28 @@ def test_usage_edit_touches_only_the_usage_value(raw: bytes, rule: UsageRule) ->
     new = spans.read(spans.decode(payload(edited)), spans.SHALLOW).get("usage")
     assert new is not None
     assert new.value == expected
+
+
+PASSES_WHOLE = [
+    pytest.param(b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n', True, id="content-frame"),
+    pytest.param(b"data: a\n\ndata: b\n\n", True, id="two-whole-frames"),
+    pytest.param(b": keep-alive\n\n", True, id="comment"),
+    pytest.param(b'data: {"choices":[],"usage":{"prompt_tokens":1}}\n\n', False, id="usage"),
+    pytest.param(b'data: {"choices":[],"usage":null}\n\n', False, id="usage-null-still-scanned"),
+    pytest.param(b'data: {"error":{"message":"x"}}\n\n', False, id="error"),
+    pytest.param(b"data: [DONE]\n\n", False, id="done"),
+    pytest.param(b"data: partial", False, id="no-blank-line"),
+    pytest.param(b"data: a\r\n\r\n", False, id="crlf-ending-is-framed"),
+    pytest.param(b"data: " + b"x" * (64 * 1024) + b"\n\n", False, id="larger-than-an-event"),
+]
+
+
+@pytest.mark.parametrize(("chunk", "whole"), PASSES_WHOLE)
+def test_chunks_that_cannot_matter_pass_whole(chunk: bytes, whole: bool) -> None:
+    assert SseStream().passes_whole(chunk) is whole
+
+
+def test_nothing_passes_whole_while_a_partial_event_is_held() -> None:
+    stream = SseStream()
+    assert stream.feed(b"data: par") == []
+    assert not stream.passes_whole(b"tial\n\ndata: b\n\n")
