@@ -155,9 +155,10 @@ class Supervisor:
                 log_event(log, logging.INFO, "stopping workers", grace_s=self._grace_s)
                 return EXIT_STOPPED
             for worker in list(self._workers.values()):
-                if worker.process.sentinel in fired and self._exited(worker) is not None:
-                    return EXIT_GAVE_UP
-                if worker.conn in fired and worker.slot in self._workers:
+                if worker.process.sentinel in fired:
+                    if self._exited(worker) is not None:
+                        return EXIT_GAVE_UP
+                elif worker.conn in fired:
                     self._hear(worker)
             self._start_due()
             self._announce()
@@ -205,9 +206,11 @@ class Supervisor:
     def _hear(self, worker: _Worker) -> None:
         assert worker.conn is not None
         try:
-            worker.ready = worker.ready or worker.conn.recv_bytes() == _READY
+            message = worker.conn.recv_bytes()
         except (EOFError, OSError):
             worker.conn = None  # closed: its sentinel fires next
+            return
+        worker.ready = worker.ready or message == _READY
 
     def _start_due(self) -> None:
         now = time.monotonic()

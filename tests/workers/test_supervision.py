@@ -63,6 +63,12 @@ class Server:
     def health(self, service: str = "") -> str:
         return probe(self.address, service, timeout=1.0)
 
+    def listens(self, worker: psutil.Process) -> bool:
+        """Whether ``worker`` has bound the server's port (it is past its imports)."""
+        port = int(self.address.rpartition(":")[2])
+        sockets = worker.net_connections(kind="tcp")
+        return any(s.status == psutil.CONN_LISTEN and s.laddr.port == port for s in sockets)
+
     def reports(self, status: str) -> bool:
         """Whether the overall and the ext_proc service health both read ``status``."""
         if self.process.poll() is not None:
@@ -213,6 +219,27 @@ async def test_a_killed_worker_is_restarted_and_health_says_not_serving_meanwhil
     assert await wait_exit(server) == 0
     assert leftovers(server) == []
     assert sorted(e["exitcode"] for e in server.entries("worker stopped")) == [0, 0]
+
+
+async def test_sigint_while_a_replacement_starts_drains_every_worker_and_exits_0(
+    launch: Callable[..., Server], database_url: str, proxy: TcpProxy
+) -> None:
+    server = launch(through(proxy, database_url))
+    victim, survivor = await serving_with(server, 2)
+    await proxy.stop()  # the replacement will be held in its start, waiting for the database
+    victim.kill()
+    [replacement] = await until(
+        lambda: [w for w in server.workers() if w.pid not in (victim.pid, survivor.pid)],
+        "a replacement worker",
+    )
+    # Listening, it handles SIGTERM; before that (still importing) SIGTERM's default would end it.
+    await until(lambda: server.listens(replacement), "the replacement to listen")
+
+    server.process.send_signal(signal.SIGINT)
+    assert await wait_exit(server) == 0
+    assert leftovers(server) == []
+    assert sorted(e["exitcode"] for e in server.entries("worker stopped")) == [0, 0]
+    assert server.entries("giving up on the workers") == []
 
 
 async def test_a_worker_that_keeps_crashing_makes_the_parent_give_up(
