@@ -14,7 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -177,16 +177,6 @@ async def serving_with(server: Server, count: int) -> list[psutil.Process]:
     return await until(workers, f"{count} workers")
 
 
-@pytest.fixture
-async def proxy(database_url: str) -> AsyncIterator[TcpProxy]:
-    """A stoppable TCP proxy in front of the test database."""
-    params = conninfo_to_dict(database_url)
-    proxy = TcpProxy(str(params["host"]), int(str(params["port"])))
-    await proxy.start()
-    yield proxy
-    await proxy.stop()
-
-
 def through(proxy: TcpProxy, database_url: str) -> str:
     """``database_url`` reached through ``proxy``, as a libpq string the settings accept."""
     params = {k: v for k, v in conninfo_to_dict(database_url).items() if k not in ("host", "port")}
@@ -194,11 +184,11 @@ def through(proxy: TcpProxy, database_url: str) -> str:
 
 
 async def test_a_killed_worker_is_restarted_and_health_says_not_serving_meanwhile(
-    launch: Callable[..., Server], database_url: str, proxy: TcpProxy
+    launch: Callable[..., Server], database_url: str, pg_proxy: TcpProxy
 ) -> None:
-    server = launch(through(proxy, database_url))
+    server = launch(through(pg_proxy, database_url))
     victim, survivor = await serving_with(server, 2)
-    await proxy.stop()  # the replacement cannot open its pool: the group stays below strength
+    await pg_proxy.stop()  # the replacement cannot open its pool: the group stays below strength
 
     victim.kill()
     await until(lambda: server.reports("NOT_SERVING"), "NOT_SERVING")
@@ -208,7 +198,7 @@ async def test_a_killed_worker_is_restarted_and_health_says_not_serving_meanwhil
     )
     assert server.health() == "NOT_SERVING"  # the replacement is still waiting for the database
 
-    await proxy.start()
+    await pg_proxy.start()
     await until(lambda: server.reports("SERVING"), "SERVING again")
     [exited] = server.entries("worker exited")
     assert (exited["pid"], exited["exitcode"]) == (victim.pid, -signal.SIGKILL)
@@ -222,11 +212,11 @@ async def test_a_killed_worker_is_restarted_and_health_says_not_serving_meanwhil
 
 
 async def test_sigint_while_a_replacement_starts_drains_every_worker_and_exits_0(
-    launch: Callable[..., Server], database_url: str, proxy: TcpProxy
+    launch: Callable[..., Server], database_url: str, pg_proxy: TcpProxy
 ) -> None:
-    server = launch(through(proxy, database_url))
+    server = launch(through(pg_proxy, database_url))
     victim, survivor = await serving_with(server, 2)
-    await proxy.stop()  # the replacement will be held in its start, waiting for the database
+    await pg_proxy.stop()  # the replacement will be held in its start, waiting for the database
     victim.kill()
     [replacement] = await until(
         lambda: [w for w in server.workers() if w.pid not in (victim.pid, survivor.pid)],
