@@ -2,8 +2,9 @@
 
 Every variable is ``EXTPROC_<NAME>``; the file (``EXTPROC_CONFIG_FILE`` or ``--config``) uses the
 same names in lower case, with or without the ``extproc_`` prefix. The environment wins over the
-file. ``Settings.from_env`` is pure: it reads only the mapping and the file it is given, and
-raises one ``ConfigError`` that lists every problem.
+file. ``Settings.from_env`` is pure: it reads only the mapping and the file it is given (and,
+for ``EXTPROC_WORKERS=auto``, the process's CPU limits), and raises one ``ConfigError`` that
+lists every problem.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from extproc.adapters.tokenizers import parse_tokenizer_map
 from extproc.core.classify import EngineCache
 from extproc.core.errors import ExtprocError
 from extproc.core.model import DEFAULT_TELEMETRY_PREFIXES, RequestPolicy, Tier, TierPolicy
+from extproc.cpus import usable_cpus
 from extproc.principals import API_KEYS, PrincipalSource, parse_principal_source
 from extproc.principals import PrincipalKind as PrincipalKind  # re-exported for callers
 
@@ -27,6 +29,7 @@ MIB = 1 << 20
 # gRPC messages carry the body plus headers and framing; this is the headroom above the body.
 GRPC_HEADROOM_BYTES = 1 * MIB
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MAX_WORKERS = 256
 
 _DEFAULTS: dict[str, str] = {
     "LISTEN": "127.0.0.1:50051",
@@ -121,7 +124,7 @@ class Settings:
         if problems:
             raise ConfigError(problems)
         tiers = _tier_policy(parsed["ENABLED_TTLS"], parsed["DEFAULT_TTL"], problems)
-        _check_workers(parsed["WORKERS"], parsed["LISTEN"], problems)
+        _check_workers(raw["WORKERS"], parsed["WORKERS"], parsed["LISTEN"], problems)
         _check_message_timeouts(parsed, problems)
         if problems or tiers is None:
             raise ConfigError(problems)
@@ -269,11 +272,22 @@ def _tier_policy(enabled: frozenset[Tier], default: Tier, problems: list[str]) -
     return TierPolicy(enabled=enabled, default=default)
 
 
-def _check_workers(workers: int, listen: str, problems: list[str]) -> None:
+def _workers(text: str) -> int:
+    """A number of worker processes, or ``auto``: as many as the CPUs this process may use."""
+    if text.lower() == "auto":
+        return min(usable_cpus(), MAX_WORKERS)
+    try:
+        return _bounded_int(1, MAX_WORKERS)(text)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (or auto)") from None
+
+
+def _check_workers(text: str, workers: int, listen: str, problems: list[str]) -> None:
     """Several workers share one TCP port (SO_REUSEPORT): a fixed port, no Unix socket."""
     if workers > 1 and (listen.startswith("unix:") or listen.endswith(":0")):
+        shown = f"{text} ({workers} CPUs)" if text.lower() == "auto" else text
         problems.append(
-            f"{PREFIX}WORKERS={workers}: several workers need a fixed TCP port in {PREFIX}LISTEN"
+            f"{PREFIX}WORKERS={shown}: several workers need a fixed TCP port in {PREFIX}LISTEN"
         )
 
 
@@ -396,7 +410,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "MAX_BODY_BYTES": _size,
     "METRICS_LISTEN": _metrics_listen,
     "SHUTDOWN_GRACE_S": _seconds(0, 3600),
-    "WORKERS": _bounded_int(1, 256),
+    "WORKERS": _workers,
     "LOG_LEVEL": _log_level,
     "SWEEP_INTERVAL_S": _seconds(0, 86400),
     "TELEMETRY_PREFIXES": _prefixes,
