@@ -35,15 +35,15 @@ from extproc.adapters.telemetry import (
 )
 from extproc.adapters.tokenizers import build_tokenizer
 from extproc.adapters.tokenizers_remote import RemoteTimeouts
-from extproc.config import HostPort, Settings, reply_budget_ms
+from extproc.config import HostPort, Settings
 from extproc.core.classify import ClassifyPorts
+from extproc.core.defaults import SERVICE_NAME, reply_budget_ms, reply_margin_ms
 from extproc.core.errors import DependencyError, ExtprocError
 from extproc.core.session import SessionPolicy
 from extproc.workers import Link, Supervisor
 
 log = logging.getLogger("extproc.app")
 
-SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 HEALTH_SERVICES = ("", SERVICE_NAME)
 POOL_RETRY_S = 1.0
 _Serving = health_pb2.HealthCheckResponse.SERVING
@@ -220,7 +220,7 @@ def deadlines(settings: Settings) -> Deadlines:
         classify_s=settings.classify_deadline_ms / 1000,
         commit_s=settings.commit_deadline_ms / 1000,
         reply_budget_s=reply_budget_ms(timeout) / 1000,
-        margin_s=(timeout - reply_budget_ms(timeout)) / 1000,
+        margin_s=reply_margin_ms(timeout) / 1000,
         max_message_s=settings.envoy_max_message_timeout_ms / 1000,
     )
 

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from extproc.adapters.tokenizers import parse_tokenizer_map
+from extproc.core import defaults
 from extproc.core.classify import EngineCache
+from extproc.core.defaults import reply_budget_ms, reply_margin_ms
 from extproc.core.errors import ExtprocError
 from extproc.core.model import DEFAULT_TELEMETRY_PREFIXES, RequestPolicy, Tier, TierPolicy
 from extproc.cpus import usable_cpus
@@ -40,11 +42,11 @@ _DEFAULTS: dict[str, str] = {
     "TOKENIZER_URL": "",
     "TOKENIZERS": "",
     "TOKENIZER_TIMEOUT_MS": "1000",
-    "CLASSIFY_DEADLINE_MS": "5000",
-    "ENVOY_MESSAGE_TIMEOUT_MS": "2000",
-    "ENVOY_MAX_MESSAGE_TIMEOUT_MS": "30000",
-    "COMMIT_DEADLINE_MS": "2000",
-    "MAX_BODY_BYTES": str(8 * MIB),
+    "CLASSIFY_DEADLINE_MS": str(defaults.CLASSIFY_DEADLINE_MS),
+    "ENVOY_MESSAGE_TIMEOUT_MS": str(defaults.ENVOY_MESSAGE_TIMEOUT_MS),
+    "ENVOY_MAX_MESSAGE_TIMEOUT_MS": str(defaults.ENVOY_MAX_MESSAGE_TIMEOUT_MS),
+    "COMMIT_DEADLINE_MS": str(defaults.COMMIT_DEADLINE_MS),
+    "MAX_BODY_BYTES": str(defaults.MAX_BODY_BYTES),
     "METRICS_LISTEN": "127.0.0.1:9464",
     "SHUTDOWN_GRACE_S": "20",
     "WORKERS": "1",
@@ -90,11 +92,11 @@ class Settings:
     tokenizer_url: str | None = None
     tokenizers: tuple[tuple[str, str], ...] = ()
     tokenizer_timeout_ms: int = 1000
-    classify_deadline_ms: int = 5000
-    envoy_message_timeout_ms: int = 2000
-    envoy_max_message_timeout_ms: int = 30000
-    commit_deadline_ms: int = 2000
-    max_body_bytes: int = 8 * MIB
+    classify_deadline_ms: int = defaults.CLASSIFY_DEADLINE_MS
+    envoy_message_timeout_ms: int = defaults.ENVOY_MESSAGE_TIMEOUT_MS
+    envoy_max_message_timeout_ms: int = defaults.ENVOY_MAX_MESSAGE_TIMEOUT_MS
+    commit_deadline_ms: int = defaults.COMMIT_DEADLINE_MS
+    max_body_bytes: int = defaults.MAX_BODY_BYTES
     metrics_listen: HostPort | None = HostPort("127.0.0.1", 9464)
     shutdown_grace_s: float = 20.0
     workers: int = 1
@@ -291,25 +293,17 @@ def _check_workers(text: str, workers: int, listen: str, problems: list[str]) ->
         )
 
 
-def reply_budget_ms(message_timeout_ms: int) -> int:
-    """How long a reply may wait before it must extend Envoy's timer: the timeout less a margin.
-
-    The margin (a quarter of the timeout, at least 100 ms) covers the trip to and from Envoy.
-    """
-    return max(0, message_timeout_ms - max(100, message_timeout_ms // 4))
-
-
 def _check_message_timeouts(parsed: Mapping[str, Any], problems: list[str]) -> None:
     """A classification may wait only as long as Envoy lets a reply be extended."""
     deadline = parsed["CLASSIFY_DEADLINE_MS"]
     timeout, ceiling = parsed["ENVOY_MESSAGE_TIMEOUT_MS"], parsed["ENVOY_MAX_MESSAGE_TIMEOUT_MS"]
     if deadline <= reply_budget_ms(timeout):
         return
-    if deadline + max(100, timeout // 4) > ceiling:
+    if deadline + reply_margin_ms(timeout) > ceiling:
         problems.append(
             f"{PREFIX}CLASSIFY_DEADLINE_MS={deadline}: longer than Envoy lets a reply wait "
             f"({PREFIX}ENVOY_MAX_MESSAGE_TIMEOUT_MS={ceiling}, less a margin of "
-            f"{max(100, timeout // 4)} ms); raise max_message_timeout in Envoy and here, or "
+            f"{reply_margin_ms(timeout)} ms); raise max_message_timeout in Envoy and here, or "
             "shorten the deadline"
         )
 

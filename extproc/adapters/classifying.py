@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from extproc.adapters import proto
 from extproc.adapters.telemetry import Metrics, log_event
+from extproc.core import defaults
 from extproc.core.classify import ClassifyPorts, classify
 from extproc.core.model import Classification
 from extproc.core.phases import ClassifyJob
@@ -39,11 +40,11 @@ class Deadlines:
     extension covers the rest of the deadline plus ``margin_s``, at most ``max_message_s``.
     """
 
-    classify_s: float = 5.0
-    commit_s: float = 2.0
-    reply_budget_s: float = 1.5
-    margin_s: float = 0.5
-    max_message_s: float = 30.0
+    classify_s: float = defaults.CLASSIFY_DEADLINE_MS / 1000
+    commit_s: float = defaults.COMMIT_DEADLINE_MS / 1000
+    reply_budget_s: float = defaults.reply_budget_ms(defaults.ENVOY_MESSAGE_TIMEOUT_MS) / 1000
+    margin_s: float = defaults.reply_margin_ms(defaults.ENVOY_MESSAGE_TIMEOUT_MS) / 1000
+    max_message_s: float = defaults.ENVOY_MAX_MESSAGE_TIMEOUT_MS / 1000
 
 
 class Classifying:

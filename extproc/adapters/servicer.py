@@ -23,6 +23,7 @@ from extproc.adapters import proto
 from extproc.adapters.classifying import Classifying, Deadlines
 from extproc.adapters.telemetry import Metrics, log_event
 from extproc.core.classify import ClassifyPorts
+from extproc.core.defaults import SERVICE_NAME
 from extproc.core.errors import DependencyError, SessionStateError
 from extproc.core.model import Classification, PendingWrite
 from extproc.core.phases import (
@@ -101,7 +102,7 @@ class Dependencies:
     metrics: Metrics
 
 
-SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+SERVICE = SERVICE_NAME
 
 
 def add_to_server(processor: ExternalProcessor, server: grpc.aio.Server) -> None:

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from extproc.core import markers, query, request, route, usage, verdict
+from extproc.core import defaults, markers, query, request, route, usage, verdict
 from extproc.core.answers import SseAnswer, looks_like_sse
 from extproc.core.errors import BodyReadError, BreakpointParamError, ClientError, SessionStateError
 from extproc.core.model import Caller, Classification, RequestPolicy
@@ -67,15 +67,13 @@ from extproc.core.phases import (
 from extproc.core.request import Prepared
 from extproc.core.verdict import ResponseFacts, VetoReason
 
-DEFAULT_MAX_BODY_BYTES = 8 << 20
-
 
 @dataclass(frozen=True, slots=True)
 class SessionPolicy:
     """What the session needs from the configuration."""
 
     request: RequestPolicy = field(default_factory=RequestPolicy)
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_body_bytes: int = defaults.MAX_BODY_BYTES
     caller_headers: frozenset[str] = frozenset()
     scrub: bool = True
 

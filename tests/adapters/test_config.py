@@ -15,10 +15,10 @@ from extproc.config import (
     PrincipalKind,
     PrincipalSource,
     Settings,
-    reply_budget_ms,
 )
 from extproc.core import codec
 from extproc.core.classify import EngineCache
+from extproc.core.defaults import reply_budget_ms
 from extproc.core.model import RequestPolicy, Tier, TierPolicy
 
 DB = "postgresql://extproc@127.0.0.1:5432/extproc"

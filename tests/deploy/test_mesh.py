@@ -12,7 +12,8 @@ import httpx
 import pytest
 import yaml
 
-from extproc.config import Settings, reply_budget_ms
+from extproc.config import Settings
+from extproc.core.defaults import reply_budget_ms
 from extproc.devstack import free_port
 from extproc.envoyconf import EnvoyOptions, Layout, render
 from extproc.principals import DEFAULT_PRINCIPAL_HEADER
