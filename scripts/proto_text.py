@@ -91,7 +91,7 @@ def _value(field: FieldDescriptor, value: object) -> str:
         assert isinstance(value, Message)
         return "{" + text_format.MessageToString(value, as_one_line=True) + "}"
     if field.type == FieldDescriptor.TYPE_ENUM:
-        assert isinstance(value, int)
+        assert isinstance(value, int) and field.enum_type is not None
         return str(field.enum_type.values_by_number[value].name)
     if field.type == FieldDescriptor.TYPE_BOOL:
         return "true" if value else "false"
@@ -148,7 +148,8 @@ class _File:
         maps = {f"{name}.{n.name}": n for n in msg.nested_type if n.options.map_entry}
         lines = [f"{indent}message {msg.name} {{"]
         lines += self.options.statements(msg.options, "MessageOptions", inner)
-        lines += list(_reserved(msg.reserved_range, msg.reserved_name, inner, exclusive=True))
+        spans = [(item.start, item.end - 1) for item in msg.reserved_range]  # end is exclusive
+        lines += list(_reserved(spans, msg.reserved_name, inner, _FIELD_MAX))
         for enum in msg.enum_type:
             lines += self.enum(enum, inner)
         lines += list(self._body(msg, maps, inner, name))
@@ -172,7 +173,7 @@ class _File:
         written = 0
         done: set[int] = set()
         for field in msg.field:
-            entry = maps.get(field.type_name) if field.label == FDP.LABEL_REPEATED else None
+            entry = _map_entry(field, maps)
             if entry is not None:
                 upto = nested.index(entry)
                 yield from self._messages(nested[written:upto], indent, name)
@@ -182,7 +183,7 @@ class _File:
                     done.add(field.oneof_index)
                     yield from self._oneof(msg, field.oneof_index, maps, indent)
             else:
-                yield self.field(field, maps, indent, in_oneof=False)
+                yield self.field(field, maps, indent, self._label(field))
         yield from self._messages(nested[written:], indent, name)
 
     def _messages(
@@ -204,7 +205,7 @@ class _File:
         yield from self.options.statements(decl.options, "OneofOptions", indent + _INDENT)
         for field in msg.field:
             if field.HasField("oneof_index") and field.oneof_index == index:
-                yield self.field(field, maps, indent + _INDENT, in_oneof=True)
+                yield self.field(field, maps, indent + _INDENT, label="")
         yield f"{indent}}}"
 
     def field(
@@ -212,26 +213,26 @@ class _File:
         field: descriptor_pb2.FieldDescriptorProto,
         maps: dict[str, descriptor_pb2.DescriptorProto],
         indent: str,
-        in_oneof: bool,
+        label: str,
     ) -> str:
+        """One field declaration; ``label`` is its ``repeated ``/``optional `` prefix, if any."""
         if field.type == FDP.TYPE_GROUP or field.HasField("default_value"):
             raise UnsupportedProto(f"{self.fd.name}: group or default in {field.name}")
-        entry = maps.get(field.type_name) if field.label == FDP.LABEL_REPEATED else None
+        entry = _map_entry(field, maps)
         if entry is not None:
             key, value = entry.field
             kind = f"map<{_type(key)}, {_type(value)}>"
         else:
-            kind = self._label(field, in_oneof) + _type(field)
+            kind = label + _type(field)
         suffix = self.options.brackets(field.options, "FieldOptions")
         if field.HasField("json_name") and field.json_name != _json_name(field.name):
             suffix = _add_option(suffix, f'json_name = "{field.json_name}"')
         return f"{indent}{kind} {field.name} = {field.number}{suffix};"
 
-    def _label(self, field: descriptor_pb2.FieldDescriptorProto, in_oneof: bool) -> str:
+    def _label(self, field: descriptor_pb2.FieldDescriptorProto) -> str:
+        """The label a field outside a oneof is written with."""
         if field.label == FDP.LABEL_REPEATED:
             return "repeated "
-        if in_oneof:
-            return ""
         if field.label == FDP.LABEL_REQUIRED:
             return "required "
         if field.proto3_optional or not self.proto3:
@@ -242,7 +243,8 @@ class _File:
         inner = indent + _INDENT
         lines = [f"{indent}enum {enum.name} {{"]
         lines += self.options.statements(enum.options, "EnumOptions", inner)
-        lines += list(_reserved(enum.reserved_range, enum.reserved_name, inner, exclusive=False))
+        spans = [(item.start, item.end) for item in enum.reserved_range]  # end is inclusive
+        lines += list(_reserved(spans, enum.reserved_name, inner, _ENUM_MAX))
         for value in enum.value:
             suffix = self.options.brackets(value.options, "EnumValueOptions")
             lines.append(f"{inner}{value.name} = {value.number}{suffix};")
@@ -278,9 +280,16 @@ class _File:
                 extendee = field.extendee
                 yield ""
                 yield f"{indent}extend {extendee} {{"
-            yield self.field(field, {}, indent + _INDENT, in_oneof=False)
+            yield self.field(field, {}, indent + _INDENT, self._label(field))
         if extendee is not None:
             yield f"{indent}}}"
+
+
+def _map_entry(
+    field: descriptor_pb2.FieldDescriptorProto, maps: dict[str, descriptor_pb2.DescriptorProto]
+) -> descriptor_pb2.DescriptorProto | None:
+    """The map entry message a repeated field stands for, if it is a map."""
+    return maps.get(field.type_name) if field.label == FDP.LABEL_REPEATED else None
 
 
 def _type(field: descriptor_pb2.FieldDescriptorProto) -> str:
@@ -300,20 +309,13 @@ def _add_option(suffix: str, entry: str) -> str:
 
 
 def _reserved(
-    ranges: Sequence[descriptor_pb2.DescriptorProto.ReservedRange]
-    | Sequence[descriptor_pb2.EnumDescriptorProto.EnumReservedRange],
-    names: Sequence[str],
-    indent: str,
-    exclusive: bool,
+    spans: Sequence[tuple[int, int]], names: Sequence[str], indent: str, top: int
 ) -> Iterator[str]:
-    """``reserved`` lines; message ranges end one past their last number, enum ranges on it."""
-    top = _FIELD_MAX if exclusive else _ENUM_MAX
-    for item in ranges:
-        last = item.end - 1 if exclusive else item.end
-        if last == item.start:
-            yield f"{indent}reserved {item.start};"
+    """``reserved`` lines for the (first, last) number spans and the names; ``top`` is max."""
+    for first, last in spans:
+        if last == first:
+            yield f"{indent}reserved {first};"
         else:
-            end = "max" if last == top else str(last)
-            yield f"{indent}reserved {item.start} to {end};"
+            yield f"{indent}reserved {first} to {'max' if last == top else last};"
     for name in names:
         yield f'{indent}reserved "{name}";'
