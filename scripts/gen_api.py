@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from verdict import report  # beside this script, on sys.path when it runs
+
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "buf.gen.yaml"
 PROTOS = ROOT / "protos"
@@ -114,13 +116,8 @@ def check() -> int:
         base = Path(tmp)
         generate(base)
         stale = differences(ROOT / OUT, base / OUT)
-    if stale:
-        print(f"{OUT}/ is stale; run `python scripts/gen_api.py` and commit:", file=sys.stderr)
-        for line in stale:
-            print(f"  {line}", file=sys.stderr)
-        return 1
-    print(f"{OUT}/ is up to date")
-    return 0
+    failed = f"{OUT}/ is stale; run `python scripts/gen_api.py` and commit:"
+    return report(stale, failed, f"{OUT}/ is up to date")
 
 
 def write() -> None:

@@ -91,7 +91,8 @@ def _value(field: FieldDescriptor, value: object) -> str:
         assert isinstance(value, Message)
         return "{" + text_format.MessageToString(value, as_one_line=True) + "}"
     if field.type == FieldDescriptor.TYPE_ENUM:
-        assert isinstance(value, int) and field.enum_type is not None
+        assert isinstance(value, int)
+        assert field.enum_type is not None
         return str(field.enum_type.values_by_number[value].name)
     if field.type == FieldDescriptor.TYPE_BOOL:
         return "true" if value else "false"

@@ -33,9 +33,8 @@ from pathlib import Path
 import grpc_tools
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from grpc_tools import protoc
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from proto_text import Options, render
+from proto_text import Options, render  # beside this script, on sys.path when it runs
+from verdict import report
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
@@ -267,13 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     stale = differences(wanted, args.protos)
     shown = args.protos.resolve()
     shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown
-    if stale:
-        print(f"{shown}/ is not the API of envoy {build.version}:", file=sys.stderr)
-        for line in stale:
-            print(f"  {line}", file=sys.stderr)
-        return 1
-    print(f"{shown}/ is the API of envoy {build.version} ({build.commit[:12]})")
-    return 0
+    failed = f"{shown}/ is not the API of envoy {build.version}:"
+    return report(
+        stale, failed, f"{shown}/ is the API of envoy {build.version} ({build.commit[:12]})"
+    )
 
 
 if __name__ == "__main__":
