@@ -9,8 +9,8 @@ finds them, takes the import closure of the ext_proc service, and
   their own repositories, see protos/README.md) compiles with grpcio-tools' protoc to exactly
   the descriptor in the binary, and that no file is missing or extra.
 
-The binary also holds a second, older copy of some files (gRPC's xDS client embeds them with
-JSON names set); Envoy's own copy is the one without JSON names. No network is needed.
+Some files have a second copy in the binary (gRPC's xDS client, built into Envoy, embeds its
+own, with JSON names set); Envoy's copy is the one without JSON names. No network is needed.
 
     python scripts/protos.py                 # rewrite protos/envoy/, then check
     python scripts/protos.py --check         # fail when protos/ differs from the binary
@@ -32,6 +32,7 @@ from pathlib import Path
 
 import grpc_tools
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import DecodeError
 from grpc_tools import protoc
 from proto_text import Options, render  # beside this script, on sys.path when it runs
 from verdict import report
@@ -100,7 +101,7 @@ def embedded_files(data: bytes) -> dict[str, list[FDProto]]:
 def _parse(data: bytes, start: int) -> FDProto | None:
     try:
         fd = FDProto.FromString(data[start : _end(data, start)])
-    except Exception:  # not a descriptor after all: any parse failure means "skip"
+    except DecodeError:  # bytes that only looked like the start of a descriptor
         return None
     return fd if fd.package else None
 
