@@ -32,7 +32,7 @@ from extproc.adapters.telemetry import (
 )
 from extproc.adapters.tokenizers import build_tokenizer
 from extproc.adapters.tokenizers_remote import RemoteTimeouts
-from extproc.config import HostPort, PrincipalKind, Settings
+from extproc.config import HostPort, Settings, reply_budget_ms
 from extproc.core.classify import ClassifyPorts
 from extproc.core.errors import DependencyError, ExtprocError
 from extproc.core.session import SessionPolicy
@@ -131,7 +131,7 @@ class App:
         await asyncio.to_thread(tokenizer.validate)  # a bad file fails the start, not a request
         pool = await _open_pool_retrying(s.database_url)
         self._resources.closers.append(pool.close)
-        principals = build_principal_resolver(str(s.principal_source), pool)
+        principals = build_principal_resolver(s.principal_source, pool)
         models = PgModelConfigResolver(pool)
         metrics.observe_caches(
             {
@@ -143,14 +143,16 @@ class App:
         index = postgres.PgPrefixIndex(pool)
         self._commits = servicer.CommitTracker(index, s.commit_deadline_ms / 1000, metrics)
         ports = ClassifyPorts(
-            principals, models, TimedIndex(index, metrics), TimedTokenizer(tokenizer, metrics)
+            principals,
+            models,
+            TimedIndex(index, metrics),
+            TimedTokenizer(tokenizer, metrics),
+            s.engine_cache,
         )
         return servicer.Dependencies(
             policy=self._session_policy(),
             ports=ports,
-            deadlines=servicer.Deadlines(
-                s.classify_deadline_ms / 1000, s.commit_deadline_ms / 1000
-            ),
+            deadlines=deadlines(s),
             commits=self._commits,
             metrics=metrics,
         )
@@ -163,12 +165,12 @@ class App:
         self._resources.closers.append(sweeper.stop)
 
     def _session_policy(self) -> SessionPolicy:
-        source = self.settings.principal_source
-        keep = frozenset({source.header}) if source.kind is PrincipalKind.HEADER else frozenset()
+        header = self.settings.principal_source.header
         return SessionPolicy(
-            tiers=self.settings.tiers,
+            request=self.settings.request_policy,
             max_body_bytes=self.settings.max_body_bytes,
-            caller_headers=frozenset(h for h in keep if h is not None),
+            caller_headers=frozenset() if header is None else frozenset({header}),
+            scrub=self.settings.scrub_provider_cache,
         )
 
     async def stop(self) -> None:
@@ -188,9 +190,26 @@ class App:
 
 
 def tokenizer_timeouts(settings: Settings) -> RemoteTimeouts:
-    """The tokenizer service's call timeout; connecting never gets longer than the call."""
+    """The tokenizer service's call timeout (connecting never takes longer than the call);
+    retries of an unavailable service stay inside the classify deadline."""
     total = settings.tokenizer_timeout_ms / 1000
-    return RemoteTimeouts(connect=min(total, RemoteTimeouts().connect), total=total)
+    return RemoteTimeouts(
+        connect=min(total, RemoteTimeouts().connect),
+        total=total,
+        retry_window=settings.classify_deadline_ms / 1000,
+    )
+
+
+def deadlines(settings: Settings) -> servicer.Deadlines:
+    """The join and commit deadlines, and how Envoy's message timer bounds a reply."""
+    timeout = settings.envoy_message_timeout_ms
+    return servicer.Deadlines(
+        classify_s=settings.classify_deadline_ms / 1000,
+        commit_s=settings.commit_deadline_ms / 1000,
+        reply_budget_s=reply_budget_ms(timeout) / 1000,
+        margin_s=(timeout - reply_budget_ms(timeout)) / 1000,
+        max_message_s=settings.envoy_max_message_timeout_ms / 1000,
+    )
 
 
 def _hits(stats: Any) -> tuple[int, int]:

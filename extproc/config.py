@@ -8,7 +8,6 @@ raises one ``ConfigError`` that lists every problem.
 
 from __future__ import annotations
 
-import enum
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -17,8 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from extproc.adapters.tokenizers import parse_tokenizer_map
+from extproc.core.classify import EngineCache
 from extproc.core.errors import ExtprocError
-from extproc.core.model import Tier, TierPolicy
+from extproc.core.model import DEFAULT_TELEMETRY_PREFIXES, RequestPolicy, Tier, TierPolicy
+from extproc.principals import API_KEYS, PrincipalSource, parse_principal_source
+from extproc.principals import PrincipalKind as PrincipalKind  # re-exported for callers
 
 PREFIX = "EXTPROC_"
 MIB = 1 << 20
@@ -35,7 +37,9 @@ _DEFAULTS: dict[str, str] = {
     "TOKENIZER_URL": "",
     "TOKENIZERS": "",
     "TOKENIZER_TIMEOUT_MS": "1000",
-    "CLASSIFY_DEADLINE_MS": "150",
+    "CLASSIFY_DEADLINE_MS": "5000",
+    "ENVOY_MESSAGE_TIMEOUT_MS": "2000",
+    "ENVOY_MAX_MESSAGE_TIMEOUT_MS": "30000",
     "COMMIT_DEADLINE_MS": "2000",
     "MAX_BODY_BYTES": str(8 * MIB),
     "METRICS_LISTEN": "127.0.0.1:9464",
@@ -43,6 +47,10 @@ _DEFAULTS: dict[str, str] = {
     "WORKERS": "1",
     "LOG_LEVEL": "INFO",
     "SWEEP_INTERVAL_S": "60",
+    "TELEMETRY_PREFIXES": ",".join(DEFAULT_TELEMETRY_PREFIXES),
+    "TELEMETRY_STRIP": "true",
+    "SCRUB_PROVIDER_CACHE": "true",
+    "ENGINE_CACHE": "off",
 }
 KNOWN_KEYS = (*_DEFAULTS, "CONFIG_FILE")
 # Never echoed in error messages: a database URL may carry a password.
@@ -55,25 +63,6 @@ class ConfigError(ExtprocError):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("invalid configuration:\n" + "\n".join(f"  {p}" for p in problems))
         self.problems = tuple(problems)
-
-
-class PrincipalKind(enum.Enum):
-    """Where the billing principal comes from (DESIGN §6)."""
-
-    API_KEYS = "api_keys"
-    HEADER = "header"
-    KEY_HASH = "key_hash"
-
-
-@dataclass(frozen=True, slots=True)
-class PrincipalSource:
-    """The principal source; ``header`` is the trusted header's name for ``HEADER``."""
-
-    kind: PrincipalKind
-    header: str | None = None
-
-    def __str__(self) -> str:
-        return f"header:{self.header}" if self.kind is PrincipalKind.HEADER else self.kind.value
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,11 +83,13 @@ class Settings:
     listen: str = "127.0.0.1:50051"
     database_url: str = ""
     tiers: TierPolicy = field(default_factory=TierPolicy)
-    principal_source: PrincipalSource = PrincipalSource(PrincipalKind.API_KEYS)
+    principal_source: PrincipalSource = API_KEYS
     tokenizer_url: str | None = None
     tokenizers: tuple[tuple[str, str], ...] = ()
     tokenizer_timeout_ms: int = 1000
-    classify_deadline_ms: int = 150
+    classify_deadline_ms: int = 5000
+    envoy_message_timeout_ms: int = 2000
+    envoy_max_message_timeout_ms: int = 30000
     commit_deadline_ms: int = 2000
     max_body_bytes: int = 8 * MIB
     metrics_listen: HostPort | None = HostPort("127.0.0.1", 9464)
@@ -106,6 +97,15 @@ class Settings:
     workers: int = 1
     log_level: str = "INFO"
     sweep_interval_s: float = 60.0
+    telemetry_prefixes: tuple[str, ...] = DEFAULT_TELEMETRY_PREFIXES
+    telemetry_strip: bool = True
+    scrub_provider_cache: bool = True
+    engine_cache: EngineCache = EngineCache.IGNORE
+
+    @property
+    def request_policy(self) -> RequestPolicy:
+        """How request bodies are read: tiers and telemetry blocks."""
+        return RequestPolicy(self.tiers, self.telemetry_prefixes, self.telemetry_strip)
 
     @property
     def grpc_message_limit(self) -> int:
@@ -122,6 +122,7 @@ class Settings:
             raise ConfigError(problems)
         tiers = _tier_policy(parsed["ENABLED_TTLS"], parsed["DEFAULT_TTL"], problems)
         _check_workers(parsed["WORKERS"], parsed["LISTEN"], problems)
+        _check_message_timeouts(parsed, problems)
         if problems or tiers is None:
             raise ConfigError(problems)
         return cls(
@@ -133,6 +134,8 @@ class Settings:
             tokenizers=parsed["TOKENIZERS"],
             tokenizer_timeout_ms=parsed["TOKENIZER_TIMEOUT_MS"],
             classify_deadline_ms=parsed["CLASSIFY_DEADLINE_MS"],
+            envoy_message_timeout_ms=parsed["ENVOY_MESSAGE_TIMEOUT_MS"],
+            envoy_max_message_timeout_ms=parsed["ENVOY_MAX_MESSAGE_TIMEOUT_MS"],
             commit_deadline_ms=parsed["COMMIT_DEADLINE_MS"],
             max_body_bytes=parsed["MAX_BODY_BYTES"],
             metrics_listen=parsed["METRICS_LISTEN"],
@@ -140,6 +143,10 @@ class Settings:
             workers=parsed["WORKERS"],
             log_level=parsed["LOG_LEVEL"],
             sweep_interval_s=parsed["SWEEP_INTERVAL_S"],
+            telemetry_prefixes=parsed["TELEMETRY_PREFIXES"],
+            telemetry_strip=parsed["TELEMETRY_STRIP"],
+            scrub_provider_cache=parsed["SCRUB_PROVIDER_CACHE"],
+            engine_cache=parsed["ENGINE_CACHE"],
         )
 
 
@@ -270,27 +277,61 @@ def _check_workers(workers: int, listen: str, problems: list[str]) -> None:
         )
 
 
-_HEADER_NAME = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
+def reply_budget_ms(message_timeout_ms: int) -> int:
+    """How long a reply may wait before it must extend Envoy's timer: the timeout less a margin.
+
+    The margin (a quarter of the timeout, at least 100 ms) covers the trip to and from Envoy.
+    """
+    return max(0, message_timeout_ms - max(100, message_timeout_ms // 4))
 
 
-def _principal_source(text: str) -> PrincipalSource:
-    if text.startswith("header:"):
-        name = text.removeprefix("header:").strip().lower()
-        if not _HEADER_NAME.fullmatch(name):
-            raise ValueError("header:<name> needs a valid HTTP header name")
-        return PrincipalSource(PrincipalKind.HEADER, name)
-    try:
-        kind = PrincipalKind(text)
-    except ValueError:
-        raise ValueError("expected api_keys, key_hash or header:<name>") from None
-    if kind is PrincipalKind.HEADER:
-        raise ValueError("header needs a name: header:<name>")
-    return PrincipalSource(kind)
+def _check_message_timeouts(parsed: Mapping[str, Any], problems: list[str]) -> None:
+    """A classification may wait only as long as Envoy lets a reply be extended."""
+    deadline = parsed["CLASSIFY_DEADLINE_MS"]
+    timeout, ceiling = parsed["ENVOY_MESSAGE_TIMEOUT_MS"], parsed["ENVOY_MAX_MESSAGE_TIMEOUT_MS"]
+    if deadline <= reply_budget_ms(timeout):
+        return
+    if deadline + max(100, timeout // 4) > ceiling:
+        problems.append(
+            f"{PREFIX}CLASSIFY_DEADLINE_MS={deadline}: longer than Envoy lets a reply wait "
+            f"({PREFIX}ENVOY_MAX_MESSAGE_TIMEOUT_MS={ceiling}, less a margin of "
+            f"{max(100, timeout // 4)} ms); raise max_message_timeout in Envoy and here, or "
+            "shorten the deadline"
+        )
 
 
 def _tokenizer_files(text: str) -> tuple[tuple[str, str], ...]:
     """``alias=path`` pairs separated by commas, or a JSON object of alias to path."""
     return tuple(parse_tokenizer_map(text).items())
+
+
+def _prefixes(text: str) -> tuple[str, ...]:
+    """Comma-separated telemetry prefixes; ``none`` for none."""
+    if text.strip().lower() == "none":
+        return ()
+    prefixes = tuple(p.strip() for p in text.split(",") if p.strip())
+    if not prefixes:
+        raise ValueError("expected comma-separated prefixes, or none")
+    return prefixes
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def _flag(text: str) -> bool:
+    if text.lower() in _TRUE:
+        return True
+    if text.lower() in _FALSE:
+        return False
+    raise ValueError("expected true or false")
+
+
+def _engine_cache(text: str) -> EngineCache:
+    try:
+        return EngineCache(text.lower())
+    except ValueError:
+        raise ValueError("expected off or report") from None
 
 
 def _bounded_int(low: int, high: int) -> Callable[[str], int]:
@@ -344,11 +385,13 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "DATABASE_URL": _database_url,
     "ENABLED_TTLS": _tiers,
     "DEFAULT_TTL": _tier,
-    "PRINCIPAL_SOURCE": _principal_source,
+    "PRINCIPAL_SOURCE": parse_principal_source,
     "TOKENIZER_URL": _tokenizer_url,
     "TOKENIZERS": _tokenizer_files,
     "TOKENIZER_TIMEOUT_MS": _bounded_int(1, 60_000),
     "CLASSIFY_DEADLINE_MS": _bounded_int(1, 60_000),
+    "ENVOY_MESSAGE_TIMEOUT_MS": _bounded_int(1, 3_600_000),
+    "ENVOY_MAX_MESSAGE_TIMEOUT_MS": _bounded_int(0, 3_600_000),
     "COMMIT_DEADLINE_MS": _bounded_int(1, 600_000),
     "MAX_BODY_BYTES": _size,
     "METRICS_LISTEN": _metrics_listen,
@@ -356,4 +399,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "WORKERS": _bounded_int(1, 256),
     "LOG_LEVEL": _log_level,
     "SWEEP_INTERVAL_S": _seconds(0, 86400),
+    "TELEMETRY_PREFIXES": _prefixes,
+    "TELEMETRY_STRIP": _flag,
+    "SCRUB_PROVIDER_CACHE": _flag,
+    "ENGINE_CACHE": _engine_cache,
 }

@@ -1,4 +1,4 @@
-"""Render the shipped Envoy bootstrap for other addresses, ports, limits and failure modes.
+"""Render the shipped Envoy bootstrap for other addresses, limits, failure modes and headers.
 
 The packaged ``extproc/envoy/envoy.yaml`` is the one source: ``envoy/envoy.yaml`` at the top of
 the repository is a byte-identical copy, ``envoy/envoy-fail-open.yaml`` is derived from it by
@@ -19,14 +19,18 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from extproc.config import Settings
+from extproc.principals import DEFAULT_PRINCIPAL_HEADER, parse_header_name
+
 MIB = 1 << 20
-DEFAULT_MAX_BODY_BYTES = 8 * MIB
-DEFAULT_CLASSIFY_DEADLINE_MS = 150
-# The fixed message timeout of the shipped file; rendered configs never go below it.
-BASE_MESSAGE_TIMEOUT_MS = 2000
-# Room in every reply beyond the classify deadline: parsing, serialising, the gRPC hop.
+_SERVER_DEFAULTS = Settings()
+DEFAULT_MAX_BODY_BYTES = _SERVER_DEFAULTS.max_body_bytes
+DEFAULT_CLASSIFY_DEADLINE_MS = _SERVER_DEFAULTS.classify_deadline_ms
+# The shipped file's message_timeout and max_message_timeout (EXTPROC_ENVOY_*_MS).
+BASE_MESSAGE_TIMEOUT_MS = _SERVER_DEFAULTS.envoy_message_timeout_ms
+BASE_MAX_MESSAGE_TIMEOUT_MS = _SERVER_DEFAULTS.envoy_max_message_timeout_ms
+# Room beyond the classify deadline in an extended reply: the trip to Envoy and back.
 MESSAGE_TIMEOUT_HEADROOM_MS = 1000
-BASE_MAX_MESSAGE_TIMEOUT_MS = 30000
 FAIL_CLOSED_LINE = "failure_mode_allow: false"
 FAIL_OPEN_LINE = "failure_mode_allow: true"
 FAIL_OPEN_BANNER = (
@@ -38,6 +42,7 @@ LISTENER = "llm_ingress"
 UPSTREAM_CLUSTER = "llm"
 EXTPROC_CLUSTER = "ext_proc"
 EXTPROC_FILTER = "envoy.filters.http.ext_proc"
+EARLY_HEADER_MUTATION = "envoy.http.early_header_mutation.header_mutation"
 
 
 class EnvoyConfError(ValueError):
@@ -86,14 +91,25 @@ class EnvoyOptions:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     classify_deadline_ms: int = DEFAULT_CLASSIFY_DEADLINE_MS
     fail_open: bool = False
-
-    @property
-    def message_timeout_ms(self) -> int:
-        return max(BASE_MESSAGE_TIMEOUT_MS, self.classify_deadline_ms + MESSAGE_TIMEOUT_HEADROOM_MS)
+    message_timeout_ms: int = BASE_MESSAGE_TIMEOUT_MS
+    # The trusted header of EXTPROC_PRINCIPAL_SOURCE=header:<name>: every client copy is removed
+    # before any HTTP filter runs, so only the authentication filter's value reaches ext_proc.
+    principal_header: str = DEFAULT_PRINCIPAL_HEADER
 
     @property
     def max_message_timeout_ms(self) -> int:
-        return max(BASE_MAX_MESSAGE_TIMEOUT_MS, self.message_timeout_ms)
+        """Long enough for a reply that waits the whole classify deadline (it extends itself)."""
+        needed = self.classify_deadline_ms + MESSAGE_TIMEOUT_HEADROOM_MS
+        return max(BASE_MAX_MESSAGE_TIMEOUT_MS, self.message_timeout_ms, needed)
+
+    def server_env(self) -> dict[str, str]:
+        """The server settings that must agree with this bootstrap."""
+        return {
+            "EXTPROC_MAX_BODY_BYTES": str(self.max_body_bytes),
+            "EXTPROC_CLASSIFY_DEADLINE_MS": str(self.classify_deadline_ms),
+            "EXTPROC_ENVOY_MESSAGE_TIMEOUT_MS": str(self.message_timeout_ms),
+            "EXTPROC_ENVOY_MAX_MESSAGE_TIMEOUT_MS": str(self.max_message_timeout_ms),
+        }
 
 
 def template_text() -> str:
@@ -159,10 +175,21 @@ def _patch_listener(listener: dict[str, Any], options: EnvoyOptions) -> None:
         for route in host["routes"]:
             if "request_body_buffer_limit" in route:
                 route["request_body_buffer_limit"] = options.max_body_bytes
+    _patch_principal_strip(hcm, options.principal_header)
     ext_proc = _named(hcm["http_filters"], EXTPROC_FILTER)["typed_config"]
     ext_proc["failure_mode_allow"] = options.fail_open
     ext_proc["message_timeout"] = _duration(options.message_timeout_ms)
     ext_proc["max_message_timeout"] = _duration(options.max_message_timeout_ms)
+
+
+def _patch_principal_strip(hcm: dict[str, Any], header: str) -> None:
+    """The early header mutation removes the client's copy of ``header`` (and nothing else)."""
+    try:
+        name = parse_header_name(header)
+    except ValueError as exc:
+        raise EnvoyConfError(f"principal header: {exc}") from None
+    early = _named(hcm.get("early_header_mutation_extensions", []), EARLY_HEADER_MUTATION)
+    early["typed_config"]["mutations"] = [{"remove": name}]
 
 
 def _duration(ms: int) -> str:
@@ -236,7 +263,15 @@ def _parser() -> argparse.ArgumentParser:
     render_cmd.add_argument(
         "--classify-deadline-ms", type=int, default=defaults.classify_deadline_ms
     )
+    render_cmd.add_argument("--message-timeout-ms", type=int, default=defaults.message_timeout_ms)
     render_cmd.add_argument("--fail-open", action="store_true")
+    render_cmd.add_argument(
+        "--principal-header",
+        metavar="NAME",
+        default=defaults.principal_header,
+        help="the header of EXTPROC_PRINCIPAL_SOURCE=header:NAME, removed from every client "
+        f"request before any HTTP filter (default {defaults.principal_header})",
+    )
     return parser
 
 
@@ -254,6 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_body_bytes=args.max_body_bytes,
         classify_deadline_ms=args.classify_deadline_ms,
         fail_open=args.fail_open,
+        message_timeout_ms=args.message_timeout_ms,
+        principal_header=args.principal_header,
     )
     try:
         sys.stdout.write(render(options))

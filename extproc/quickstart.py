@@ -4,6 +4,8 @@ The example's system prompt carries a ``cache_control`` marker and is long enoug
 floor ``extproc dev`` gives the demo model. Sent twice with the same key, the first answer's
 usage shows a cache write and the second a read of the same number of tokens; sent once more
 as a stream without ``stream_options``, the sidecar still makes the stream end with the usage.
+Sent by another key that names the first key's principal in the principal header, it reads
+nothing: Envoy drops the client's copy and the server never takes a tenant from a client.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from typing import Any
 
 import httpx
 
+from extproc.adapters.pg_resolvers import key_hash
 from extproc.core import codec
 from extproc.devstack import DevStackError
+from extproc.principals import DEFAULT_PRINCIPAL_HEADER
 
 # The sidecar commits a cache write just after the answer; a read may need a moment longer.
 READ_RETRY_S = 5.0
@@ -69,15 +73,37 @@ def check(url: str, model: str, key: str) -> int:
         streamed = _send_streamed(url, model, key)
         print("streamed usage: " + codec.dumps(streamed).decode(), flush=True)
         problems = read_problems(first.get("cache_creation_input_tokens"), streamed, "streamed")
+    if not problems:
+        forged = _send(url, model, f"{key}-other", {DEFAULT_PRINCIPAL_HEADER: principal_of(key)})
+        print("forged-principal usage: " + codec.dumps(forged).decode(), flush=True)
+        problems = forged_problems(forged)
     for problem in problems:
         print(f"check failed: {problem}", file=sys.stderr)
     if not problems:
-        print("check passed: the first request wrote the cache, the next ones read it")
+        print(
+            "check passed: the first request wrote the cache, the next ones read it, "
+            "and a forged principal header read nothing"
+        )
     return 1 if problems else 0
 
 
-def _post(url: str, body: dict[str, Any], key: str) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {key}"}
+def principal_of(key: str) -> str:
+    """The quick start's principal of ``key`` (``key_hash``): the hex SHA-256 of the key."""
+    return key_hash(key).hex()
+
+
+def forged_problems(usage: Mapping[str, Any]) -> list[str]:
+    """What is wrong when another key names the first key's principal in the header."""
+    read = usage.get("cache_read_input_tokens")
+    if read != 0:
+        return [f"another key forging the first key's principal: expected no read, got {read!r}"]
+    return []
+
+
+def _post(
+    url: str, body: dict[str, Any], key: str, extra: Mapping[str, str] | None = None
+) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}", **(extra or {})}
     try:
         answer = httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=60)
     except httpx.HTTPError as exc:
@@ -87,8 +113,8 @@ def _post(url: str, body: dict[str, Any], key: str) -> httpx.Response:
     return answer
 
 
-def _send(url: str, model: str, key: str) -> dict[str, Any]:
-    answer = _post(url, example_body(model), key)
+def _send(url: str, model: str, key: str, extra: Mapping[str, str] | None = None) -> dict[str, Any]:
+    answer = _post(url, example_body(model), key, extra)
     usage = codec.loads(answer.content).get("usage")
     if not isinstance(usage, dict):
         raise DevStackError(f"the answer has no usage object: {answer.text}")

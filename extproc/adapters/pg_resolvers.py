@@ -20,6 +20,7 @@ from typing import Generic, Protocol, TypeVar
 from extproc.adapters.postgres import Pool, bounded
 from extproc.core.model import Caller, ModelConfig, PrincipalId
 from extproc.core.ports import PrincipalResolver
+from extproc.principals import HeaderName, PrincipalKind, PrincipalSource
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -118,7 +119,7 @@ class PgModelConfigResolver:
         return self._memo.stats()
 
 
-class PrincipalSource(PrincipalResolver, Protocol):
+class ObservedPrincipalResolver(PrincipalResolver, Protocol):
     """A principal resolver that also reports its memo's hits and misses."""
 
     def memo_stats(self) -> MemoStats: ...
@@ -175,8 +176,8 @@ class HeaderPrincipals:
     Envoy must remove any client-supplied copy of that header; only the configured name counts.
     """
 
-    def __init__(self, header: str) -> None:
-        self._header = header.lower()
+    def __init__(self, header: HeaderName) -> None:
+        self._header = header
 
     async def resolve(self, caller: Caller) -> PrincipalId | None:
         value = caller.headers.get(self._header)
@@ -201,27 +202,14 @@ class KeyHashPrincipals:
         return MemoStats()
 
 
-PRINCIPAL_SOURCES = ("api_keys", "header:<name>", "key_hash")
-
-
 def build_principal_resolver(
-    source: str, pool: Pool | None, *, ttl: float = 30.0, max_size: int = 10_000
-) -> PrincipalSource:
-    """The principal resolver a configuration string names (one of ``PRINCIPAL_SOURCES``)."""
-    if source == "api_keys":
+    source: PrincipalSource, pool: Pool | None, *, ttl: float = 30.0, max_size: int = 10_000
+) -> ObservedPrincipalResolver:
+    """The principal resolver for a parsed source (``extproc.principals``)."""
+    if source.kind is PrincipalKind.API_KEYS:
         if pool is None:
             raise ValueError("principal source 'api_keys' needs a database")
         return ApiKeyPrincipals(pool, ttl=ttl, max_size=max_size)
-    if source == "key_hash":
-        return KeyHashPrincipals()
-    kind, _, header = source.partition(":")
-    if kind == "header" and _is_header_name(header):
-        return HeaderPrincipals(header)
-    raise ValueError(
-        f"unknown principal source {source!r}: expected one of {', '.join(PRINCIPAL_SOURCES)}"
-    )
-
-
-def _is_header_name(name: str) -> bool:
-    allowed = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
-    return bool(name) and set(name.lower()) <= allowed
+    if source.header is not None:
+        return HeaderPrincipals(source.header)
+    return KeyHashPrincipals()

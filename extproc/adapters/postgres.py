@@ -2,6 +2,11 @@
 
 Every call is bounded by a client-side deadline as well as the server's statement timeout, and
 every psycopg error (or a missed deadline) becomes ``DependencyError`` here, in one place.
+Index lookups and commits are tried once more, inside the same deadline, when the first try
+failed for the connection (severed, refused, the server shutting down, the pool still
+reconnecting), never for a logical error (a statement timeout, a constraint, bad data). Before
+that second try the pool checks its idle connections, since one dead connection (a restarted
+or failed-over server) usually means they are all dead.
 """
 
 from __future__ import annotations
@@ -9,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeAlias, TypeVar
 
 import psycopg
@@ -54,6 +59,35 @@ async def bounded(work: Awaitable[T], limit: float, what: str) -> T:
         return task.result()
     except psycopg.Error as exc:
         raise DependencyError(f"{what}: {describe(exc)}") from exc
+
+
+# SQLSTATE class 08 (connection exception) and the server going away.
+_CONNECTION_STATES = frozenset({"57P01", "57P02", "57P03"})
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """Whether ``exc`` says the connection failed (worth one more try), not the statement."""
+    if not isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+        return False
+    state = exc.sqlstate
+    return state is None or state.startswith("08") or state in _CONNECTION_STATES
+
+
+async def once_more_on_connection_error(
+    attempt: Callable[[], Awaitable[T]],
+    what: str,
+    before_retry: Callable[[], Awaitable[None]] | None = None,
+) -> T:
+    """``attempt()``, repeated once (after ``before_retry``) when it failed for the connection."""
+    try:
+        return await attempt()
+    except psycopg.Error as exc:
+        if not is_connection_error(exc):
+            raise
+        _log.warning("%s: connection failed (%s), trying once more", what, describe(exc))
+    if before_retry is not None:
+        await before_retry()
+    return await attempt()
 
 
 def _abandon(task: asyncio.Task[T]) -> None:
@@ -132,7 +166,10 @@ class PgPrefixIndex:
     async def lookup(self, scope: Scope, hashes: Sequence[PrefixHash]) -> Sequence[IndexHit]:
         if not hashes:
             return []
-        rows = await bounded(self._select(scope, list(hashes)), self._timeout, "index lookup")
+        work = once_more_on_connection_error(
+            lambda: self._select(scope, list(hashes)), "index lookup", self._pool.check
+        )
+        rows = await bounded(work, self._timeout, "index lookup")
         return [IndexHit(PrefixHash(bytes(h)), n, Tier(t)) for h, n, t in rows]
 
     async def _select(self, scope: Scope, hashes: list[PrefixHash]) -> list[TupleRow]:
@@ -144,7 +181,10 @@ class PgPrefixIndex:
     async def commit(self, pending: PendingWrite) -> None:
         entries = _entries_to_write(pending)
         if entries:
-            await bounded(self._upsert(pending.scope, entries), self._timeout, "index commit")
+            work = once_more_on_connection_error(
+                lambda: self._upsert(pending.scope, entries), "index commit", self._pool.check
+            )
+            await bounded(work, self._timeout, "index commit")
 
     async def _upsert(self, scope: Scope, entries: Sequence[CacheEntry]) -> None:
         params = (

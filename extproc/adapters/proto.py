@@ -25,6 +25,8 @@ import enum
 from collections.abc import Callable
 from typing import TypeVar
 
+from google.protobuf import duration_pb2
+
 from extproc._envoy_api.envoy.config.core.v3 import base_pb2
 from extproc._envoy_api.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from extproc._envoy_api.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -141,12 +143,33 @@ def to_reply(phase: Phase, action: s.Action) -> bytes:
     return _data_reply(phase, action).SerializeToString()
 
 
+def extend_timeout(seconds: float) -> bytes:
+    """A message carrying only ``override_message_timeout``: Envoy waits ``seconds`` more.
+
+    Sent before the real reply when that reply has to wait longer than Envoy's message
+    timeout allows (once per direction).
+    """
+    reply = pb.ProcessingResponse()
+    whole = int(seconds)
+    reply.override_message_timeout.CopyFrom(
+        duration_pb2.Duration(seconds=whole, nanos=int((seconds - whole) * 1e9))
+    )
+    return reply.SerializeToString()
+
+
+_REJECT_PHASES = frozenset({Phase.REQUEST_HEADERS, Phase.REQUEST_BODY})
+
+
 def _data_reply(
-    phase: Phase, action: s.Reject | s.ReplaceBody | s.EmitChunk
+    phase: Phase, action: s.Reject | s.RewritePath | s.ReplaceBody | s.EmitChunk
 ) -> pb.ProcessingResponse:
     """The reply for an action that carries data; raises ``ProtocolError`` for a mismatch."""
     if isinstance(action, s.Reject):
-        return _expect(phase, Phase.REQUEST_BODY, immediate(action))
+        if phase not in _REJECT_PHASES:
+            raise ProtocolError(f"cannot reject in reply to {phase.value}")
+        return immediate(action)
+    if isinstance(action, s.RewritePath):
+        return _expect(phase, Phase.REQUEST_HEADERS, rewrite_path(action.path))
     if isinstance(action, s.ReplaceBody):
         return replace_body(phase, action.body)
     return emit_chunk(phase, action.data)
@@ -178,6 +201,13 @@ def set_header(mutation: pb.HeaderMutation, key: str, value: str) -> None:
     option.header.key = key
     option.header.raw_value = value.encode()
     option.append_action = _OVERWRITE
+
+
+def rewrite_path(path: str) -> pb.ProcessingResponse:
+    """Continue the request headers with ``:path`` set to ``path``."""
+    reply = pb.ProcessingResponse()
+    set_header(_common(reply, Phase.REQUEST_HEADERS).header_mutation, ":path", path)
+    return reply
 
 
 def replace_body(phase: Phase, body: bytes) -> pb.ProcessingResponse:

@@ -2,18 +2,18 @@
 
 One reply per message, in order. Classification starts as a task when the request body is
 accepted (before its reply, so it overlaps the upstream call) and is joined, under the
-classify deadline, only where the session asks for it. Commits run after the end-of-stream
+classify deadline, only where the session asks for it. A join that outlasts what Envoy's
+``message_timeout`` allows first sends a message carrying only ``override_message_timeout``,
+so a slow dependency ends in "no caching", never in a 504. Commits run after the end-of-stream
 reply as tracked tasks under their own deadline. Foreign exceptions are mapped in ``_classify``
 and ``CommitTracker._run`` only; ``asyncio.CancelledError`` always propagates.
-
-The classify deadline must fit inside Envoy's ``message_timeout`` (200 ms by default) with
-room for the reply itself: the default 150 ms does; raise both together.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -24,7 +24,7 @@ from extproc.adapters import proto
 from extproc.adapters.telemetry import Metrics, log_event
 from extproc.core import session as s
 from extproc.core.classify import ClassifyPorts, classify
-from extproc.core.errors import DependencyError, MarkerError, SessionStateError
+from extproc.core.errors import ClientError, DependencyError, SessionStateError
 from extproc.core.model import Classification, PendingWrite
 from extproc.core.ports import PrefixIndex
 from extproc.core.verdict import Verdict, VetoReason
@@ -35,10 +35,17 @@ _Context = grpc.aio.ServicerContext[pb.ProcessingRequest, bytes]
 
 @dataclass(frozen=True, slots=True)
 class Deadlines:
-    """How long to wait for a classification at the join, and for one commit."""
+    """How long to wait for a classification at the join, and for one commit.
 
-    classify_s: float = 0.150
+    A reply may wait ``reply_budget_s`` before Envoy's message timer must be extended; the
+    extension covers the rest of the deadline plus ``margin_s``, at most ``max_message_s``.
+    """
+
+    classify_s: float = 5.0
     commit_s: float = 2.0
+    reply_budget_s: float = 1.5
+    margin_s: float = 0.5
+    max_message_s: float = 30.0
 
 
 class CommitTracker:
@@ -140,7 +147,8 @@ class ExternalProcessor:
         pump = Pump(self._deps)
         try:
             async for message in request_iterator:
-                yield await pump.answer(message)
+                async for reply in pump.answer(message):
+                    yield reply
                 pump.after_reply()
         except (SessionStateError, proto.ProtocolError) as err:
             log_event(log, logging.ERROR, "protocol error", error=str(err))
@@ -166,8 +174,11 @@ class Pump:
         self._task: asyncio.Task[Classification] | None = None
         self._classify_failed = False
         self._finished = False
+        self._outcome_recorded = False
+        self._join_started = 0.0
 
-    async def answer(self, message: pb.ProcessingRequest) -> bytes:
+    async def answer(self, message: pb.ProcessingRequest) -> AsyncIterator[bytes]:
+        """The reply to ``message``, after a timer extension when the join needs one."""
         phase, event = proto.to_event(message)
         if phase in _OFFER_PHASES:
             self._offer_if_ready()
@@ -176,8 +187,12 @@ class Pump:
             self._deps.metrics.request(self.session.prepared.had_markers)
         self._start_classify()
         if isinstance(step, s.NeedClassification):
-            step = self.session.resolve(await self._join())
-        return proto.to_reply(phase, step)
+            extension = await self._wait_briefly()
+            if extension is not None:
+                yield extension
+                await self._wait_rest()
+            step = self.session.resolve(self._joined())
+        yield proto.to_reply(phase, step)
 
     def after_reply(self) -> None:
         """Record what the reply settled; schedule the commit once the verdict is known."""
@@ -202,8 +217,9 @@ class Pump:
             self._deps.metrics.classify_result("cancelled")
         if not self._finished and self.session.has_job and self.session.is_awaiting_response:
             self._deps.metrics.veto(VetoReason.NO_END_OF_STREAM.value)
-        if self.session.prepared is not None and self.session.classification is None:
-            self._deps.metrics.outcome(Classification.inactive("not_joined"))
+        if self.session.prepared is not None and not self._outcome_recorded:
+            classification = self.session.classification
+            self._deps.metrics.outcome(classification or Classification.inactive("not_joined"))
 
     def _start_classify(self) -> None:
         job = self.session.take_job()
@@ -229,13 +245,30 @@ class Pump:
         if task is not None and task.done() and self.session.wants_classification:
             self.session.offer(self._collect(task))
 
-    async def _join(self) -> Classification:
-        """The classification, waiting at most the classify deadline for it."""
+    async def _wait_briefly(self) -> bytes | None:
+        """Wait as long as Envoy's timer allows; the extension to send if that was not enough."""
+        task, d = self._task, self._deps.deadlines
+        if task is None or task.done():
+            return None
+        self._join_started = time.monotonic()
+        await asyncio.wait({task}, timeout=min(d.classify_s, d.reply_budget_s))
+        left = d.classify_s - (time.monotonic() - self._join_started)
+        if task.done() or left <= 0:
+            return None
+        return proto.extend_timeout(min(d.max_message_s, left + d.margin_s))
+
+    async def _wait_rest(self) -> None:
+        """After extending Envoy's timer: wait out the rest of the classify deadline."""
+        task, d = self._task, self._deps.deadlines
+        if task is not None and not task.done():
+            left = d.classify_s - (time.monotonic() - self._join_started)
+            await asyncio.wait({task}, timeout=max(0.0, left))
+
+    def _joined(self) -> Classification:
+        """The classification once the wait is over: the result, or the deadline's verdict."""
         task = self._task
         if task is None:
             return Classification.inactive("no_job")
-        if not task.done():
-            await asyncio.wait({task}, timeout=self._deps.deadlines.classify_s)
         if task.done():
             return self._collect(task)
         task.cancel()
@@ -250,6 +283,7 @@ class Pump:
 
     def _outcome(self, result: Classification) -> Classification:
         self._deps.metrics.outcome(result)
+        self._outcome_recorded = True
         level = logging.WARNING if result.reason in _DEGRADED else logging.DEBUG
         log_event(
             log,
@@ -261,9 +295,8 @@ class Pump:
         )
         return result
 
-    def _record_rejection(self, err: Exception) -> None:
-        reason = err.reason.value if isinstance(err, MarkerError) else getattr(err, "code", "")
-        self._deps.metrics.rejection(str(reason))
+    def _record_rejection(self, err: ClientError) -> None:
+        self._deps.metrics.rejection(err.reason.value)
 
     def _record_verdict(self, verdict: Verdict) -> None:
         if verdict.veto is not None and self.session.has_job:

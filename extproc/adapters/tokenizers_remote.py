@@ -1,13 +1,17 @@
 """The Tokenizer port over HTTP: a client for the tokenizer service (models and tokenize).
 
-The model list is memoised for a while; a failed fetch is not, so the next call retries. Every
-transport failure, timeout, unexpected status or malformed answer becomes ``DependencyError``
-here, in one place; ``422`` from ``/v1/tokenize`` is ``UnmappedModel``.
+The model list is memoised for a while; a failed fetch is not, so the next call retries. A
+``503`` (the service is starting, or shedding load) is retried with jittered exponential
+backoff (100 ms growing to 2 s) while a retry budget shared by every call has tokens (about
+ten retries a second) and the retry still ends inside ``retry_window`` (the classify deadline).
+Every transport failure, timeout, unexpected status or malformed answer becomes
+``DependencyError`` here, in one place; ``422`` from ``/v1/tokenize`` is ``UnmappedModel``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +33,42 @@ class RemoteTimeouts:
     connect: float = 1.0
     total: float = 1.0
     models_ttl: float = 60.0
+    retry_window: float = 5.0
+
+
+BACKOFF_FIRST_S = 0.1
+BACKOFF_MAX_S = 2.0
+RETRIES_PER_S = 10.0
+
+
+class RetryBudget:
+    """A token bucket of retries shared by every call: ``rate`` a second, ``rate`` at most."""
+
+    def __init__(self, rate: float = RETRIES_PER_S, clock: Callable[[], float] = time.monotonic):
+        self._rate = rate
+        self._clock = clock
+        self._tokens = rate
+        self._at = clock()
+
+    def take(self) -> bool:
+        """Spend one retry if there is one."""
+        now = self._clock()
+        self._tokens = min(self._rate, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+
+def backoff(attempt: int, rng: random.Random) -> float:
+    """Seconds before retry ``attempt`` (0-based): doubling from 100 ms to 2 s, jittered."""
+    ceiling = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * float(2 ** min(attempt, 16)))
+    return ceiling * rng.uniform(0.5, 1.0)
+
+
+class _Unavailable(DependencyError):
+    """The service answered 503."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,9 +85,13 @@ class RemoteTokenizer:
         base_url: str,
         timeouts: RemoteTimeouts | None = None,
         clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
     ) -> None:
         self._timeouts = timeouts or RemoteTimeouts()
         self._clock = clock
+        self._rng = rng or random.Random()
+        self._budget = RetryBudget(clock=clock)
+        self.retries = 0
         self._client = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
             timeout=httpx.Timeout(self._timeouts.total, connect=self._timeouts.connect),
@@ -79,6 +123,23 @@ class RemoteTokenizer:
         return self._clock() - models.fetched_at >= self._timeouts.models_ttl
 
     async def _call(self, method: str, path: str, content: bytes | None) -> Any:
+        """The parsed JSON answer, retrying a 503 while the budget and the window allow."""
+        started = self._clock()
+        attempt = 0
+        while True:
+            try:
+                return await self._call_once(method, path, content)
+            except _Unavailable:
+                delay = backoff(attempt, self._rng)
+                if self._clock() - started + delay >= self._timeouts.retry_window:
+                    raise
+                if not self._budget.take():
+                    raise
+            self.retries += 1
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    async def _call_once(self, method: str, path: str, content: bytes | None) -> Any:
         """The parsed JSON answer of one call; every way it can fail is mapped here."""
         try:
             async with asyncio.timeout(self._timeouts.total):
@@ -87,6 +148,8 @@ class RemoteTokenizer:
             raise DependencyError(f"tokenizer service {path}: {_describe(exc)}") from exc
         if response.status_code == 422 and path == "/v1/tokenize":
             raise UnmappedModel(f"tokenizer service does not map this model ({path})")
+        if response.status_code == 503:
+            raise _Unavailable(f"tokenizer service {path}: status 503")
         if response.status_code != 200:
             raise DependencyError(f"tokenizer service {path}: status {response.status_code}")
         try:

@@ -46,8 +46,6 @@ DEFAULT_MIN_PREFIX_TOKENS = 32
 DEFAULT_TOKENIZER = "tekken"
 READY_TIMEOUT_S = 60.0
 API_KEY_ENV = "EXTPROC_DEV_API_KEY"
-# Generous for a laptop that is busy with everything else: a cold tokenizer, a loaded CPU.
-CLASSIFY_DEADLINE_MS = 1000
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -244,7 +242,6 @@ def start_extproc(supervisor: Supervisor, database: str, tokenizers: str) -> tup
         "EXTPROC_TOKENIZERS": tokenizers,
         "EXTPROC_METRICS_LISTEN": metrics,
         "EXTPROC_SHUTDOWN_GRACE_S": "3",
-        "EXTPROC_CLASSIFY_DEADLINE_MS": str(CLASSIFY_DEADLINE_MS),
     }
     child = supervisor.start(ChildSpec("extproc", extproc_argv("serve"), env))
     wait_until(lambda: probe(listen, timeout=1.0) == "SERVING", child, "extproc", READY_TIMEOUT_S)
@@ -263,7 +260,6 @@ def start_envoy(
         admin_port=admin,
         upstream_url=upstream,
         extproc_address=extproc,
-        classify_deadline_ms=CLASSIFY_DEADLINE_MS,
     )
     try:
         config = workdir / "envoy.yaml"

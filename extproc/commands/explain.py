@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from extproc.core import codec
-from extproc.core.errors import ExtprocError, MarkerError
+from extproc.core.errors import ClientError, ExtprocError
 from extproc.core.markers import error_envelope
-from extproc.core.model import Tier, TierPolicy
+from extproc.core.model import DEFAULT_TELEMETRY_PREFIXES, RequestPolicy, Tier, TierPolicy
+from extproc.core.query import read_breakpoint_param
 from extproc.core.request import Prepared, prepare
 
 EXIT_REJECTED = 2
@@ -21,8 +22,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "explain",
         help="show blocks, breakpoints and prefix hashes of a request body",
         description="Read a chat-completions request body and show what the sidecar sees: "
-        "blocks, cache breakpoints, prefix hashes and whether the forwarded body changes. "
-        "Invalid markers print the 400 body the client would get and exit 2.",
+        "blocks (tool definitions, message content, tool calls), cache breakpoints (the "
+        "automatic one included), telemetry blocks left out, prefix hashes and whether the "
+        "forwarded body changes. Invalid markers print the 400 body the client would get and "
+        "exit 2.",
     )
     parser.add_argument("file", nargs="?", default="-", help="request body file, - for stdin")
     parser.add_argument(
@@ -36,6 +39,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=_tier,
         default=Tier.M5,
         help="tier of a marker without ttl (default: 5m)",
+    )
+    parser.add_argument(
+        "--path",
+        default="/v1/chat/completions",
+        help="the request path, for its cacheBreakpoint query parameter",
+    )
+    parser.add_argument(
+        "--telemetry-prefixes",
+        default=",".join(DEFAULT_TELEMETRY_PREFIXES),
+        help="comma-separated prefixes of system telemetry blocks (none for none)",
     )
     parser.set_defaults(func=run)
 
@@ -53,17 +66,26 @@ def _tiers(text: str) -> frozenset[Tier]:
 
 
 def run(args: argparse.Namespace) -> int:
-    policy = _policy(args.enabled_ttls, args.default_ttl)
+    policy = RequestPolicy(
+        _policy(args.enabled_ttls, args.default_ttl), _prefixes(args.telemetry_prefixes)
+    )
     raw = _read(args.file)
     try:
-        prepared = prepare(raw, policy)
-    except MarkerError as err:
+        automatic = read_breakpoint_param(args.path) is not None
+        prepared = prepare(raw, policy, automatic)
+    except ClientError as err:
         sys.stdout.write(error_envelope(err).decode() + "\n")
         return EXIT_REJECTED
     if prepared is None:
         raise ExtprocError("input is not a JSON object; the sidecar would forward it untouched")
     sys.stdout.write(codec.pretty(describe(prepared)).decode())
     return 0
+
+
+def _prefixes(text: str) -> tuple[str, ...]:
+    if text.strip().lower() == "none":
+        return ()
+    return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
 def _policy(enabled: frozenset[Tier], default: Tier) -> TierPolicy:
@@ -88,10 +110,22 @@ def describe(prepared: Prepared) -> dict[str, Any]:
         "model": prepared.model,
         "stream": prepared.stream,
         "blocks": [
-            {"index": i, "role": b.role, "kind": b.kind, "text_length": len(b.text)}
+            {
+                "index": i,
+                "where": b.where,
+                "role": b.role,
+                "kind": b.kind,
+                "text_length": len(b.text),
+            }
             for i, b in enumerate(prepared.blocks)
         ],
-        "breakpoints": [{"block": p.block, "ttl": p.tier.value} for p in prepared.breakpoints],
+        "breakpoints": [
+            {"block": p.block, "ttl": p.tier.value, "automatic": p.automatic}
+            for p in prepared.breakpoints
+        ],
+        "telemetry_blocks": [
+            {"where": t.where, "text_length": t.text_length} for t in prepared.telemetry
+        ],
         "prefix_hashes": [h.hex() for h in prepared.hashes],
         "forwarded_body_changed": prepared.changed,
     }

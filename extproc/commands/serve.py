@@ -11,6 +11,8 @@ from urllib.parse import urlsplit, urlunsplit
 from extproc.config import ConfigError, Settings
 from extproc.core import codec
 from extproc.core.model import Tier
+from extproc.principals import PrincipalKind, PrincipalSource
+from extproc.stripping import StrippingError, principal_header_problems, read_stripping
 
 EXIT_CONFIG = 2
 
@@ -22,13 +24,26 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Run the Envoy ext_proc server. Settings come from EXTPROC_* environment "
         "variables and an optional TOML file (--config or EXTPROC_CONFIG_FILE; the environment "
         "wins). Invalid settings are all listed and the command exits 2. SIGTERM or SIGINT "
-        "stops it gracefully.",
+        "stops it gracefully. With --envoy-config, a header principal source is compared with "
+        "what that Envoy configuration removes from clients: a disagreement is a warning on "
+        "stderr and never changes the exit code.",
     )
     parser.add_argument("--config", type=Path, default=None, help="TOML settings file")
     parser.add_argument(
         "--check",
         action="store_true",
-        help="validate the settings, print them (without secrets) and exit",
+        help="validate the settings, print them (without secrets) and exit: 0 when they are "
+        "valid (warnings, if any, on stderr), 2 when they or an --envoy-config file are not",
+    )
+    parser.add_argument(
+        "--envoy-config",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="an Envoy bootstrap, Kubernetes ConfigMap, Istio EnvoyFilter or Envoy Gateway "
+        "ClientTrafficPolicy in front of this server: warn unless it removes every client copy "
+        "of the principal header before ext_proc (repeatable)",
     )
     parser.set_defaults(func=run)
 
@@ -39,6 +54,13 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"extproc serve: {err}", file=sys.stderr)
         return EXIT_CONFIG
+    try:
+        notes = envoy_notes(settings.principal_source, args.envoy_config, args.check)
+    except StrippingError as err:
+        print(f"extproc serve: --envoy-config {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    for note in notes:
+        print(f"extproc serve: {note}", file=sys.stderr)
     if args.check:
         sys.stdout.write(codec.pretty(describe(settings)).decode())
         return 0
@@ -46,6 +68,25 @@ def run(args: argparse.Namespace) -> int:
 
     app.main(settings)
     return 0
+
+
+def envoy_notes(source: PrincipalSource, configs: list[Path], checking: bool) -> list[str]:
+    """Warnings where the Envoy configurations would let clients set the principal header."""
+    if source.kind is not PrincipalKind.HEADER:
+        return []
+    if not configs:
+        if not checking:
+            return []
+        return [
+            f"note: not compared with an Envoy configuration (--envoy-config FILE): Envoy must "
+            f"remove every client copy of {source.stripped_header} before the ext_proc filter"
+        ]
+    problems = [
+        problem
+        for path in configs
+        for problem in principal_header_problems(source, read_stripping(path), str(path))
+    ]
+    return [f"warning: {problem}" for problem in problems]
 
 
 def describe(settings: Settings) -> dict[str, object]:

@@ -4,6 +4,8 @@ Rules:
 * unknown caller, missing or disabled model, or a failing resolver: inactive;
 * enabled model but nothing to account (unmapped tokenizer, no markers, below the floor,
   count mismatch, a failing index or tokenizer): zero-active;
+* a request without any marker asks neither the tokenizer nor the index; with engine reports
+  on (``EngineCache.REPORT``) its read is the engine's own, taken from the response;
 * one index lookup for every walk-back candidate of every breakpoint; the deepest hit is the
   read and is refreshed on commit;
 * one tokenization of the blocks after the read up to the deepest breakpoint, none when the
@@ -15,6 +17,7 @@ Rules:
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -38,14 +41,22 @@ from extproc.core.prefix import Breakpoint, Candidate, walkback_candidates
 from extproc.core.request import Prepared
 
 
+class EngineCache(enum.Enum):
+    """What the engine's own cache numbers mean for a request without markers (§3.0.2)."""
+
+    IGNORE = "off"
+    REPORT = "report"
+
+
 @dataclass(frozen=True, slots=True)
 class ClassifyPorts:
-    """The ports classify asks through."""
+    """The ports classify asks through, and how to treat the engine's cache numbers."""
 
     principals: PrincipalResolver
     models: ModelConfigResolver
     index: PrefixIndex
     tokenizer: Tokenizer
+    engine_cache: EngineCache = EngineCache.IGNORE
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,11 +102,13 @@ async def _classify_enabled(
     principal: PrincipalId,
     ports: ClassifyPorts,
 ) -> Classification:
+    if not request.breakpoints:
+        if not request.had_markers and ports.engine_cache is EngineCache.REPORT:
+            return Classification.engine_read(alias)
+        return Classification.zero("no_markers", alias)
     version = await ports.tokenizer.version(alias)
     if version is None:
         return Classification.zero("tokenizer_unmapped", alias)
-    if not request.breakpoints:
-        return Classification.zero("no_markers", alias)
     scope = Scope(principal, alias, version)
     candidates = walkback_candidates(request.breakpoints, request.hashes)
     hits = await ports.index.lookup(scope, [c.prefix_hash for c in candidates])

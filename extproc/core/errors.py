@@ -13,22 +13,28 @@ class ExtprocError(Exception):
 
 
 class RejectReason(enum.Enum):
-    """Why a request's cache markers were rejected (the 400's reason)."""
+    """Why a request was refused before forwarding (the 400's reason; a metric label)."""
 
     MALFORMED = "malformed_cache_control"
     UNSUPPORTED_TYPE = "unsupported_type"
     INVALID_TTL = "invalid_ttl"
     TIER_DISABLED = "tier_disabled"
     TOO_MANY_BREAKPOINTS = "too_many_breakpoints"
+    AUTOMATIC_TTL_CONFLICT = "automatic_ttl_conflict"
+    AUTOMATIC_NO_SLOT = "automatic_no_slot"
+    INVALID_CACHE_BREAKPOINT = "invalid_cache_breakpoint"
+    UNREADABLE_BODY = "unreadable_body"
+    BODY_READ_FAILED = "body_read_failed"
 
 
 class ClientError(ExtprocError):
     """The client sent something we refuse; answered with the 400 envelope in one place."""
 
-    code = "invalid_request_error"
-
-    def __init__(self, message: str, code: str, param: str | None = None) -> None:
+    def __init__(
+        self, reason: RejectReason, message: str, code: str, param: str | None = None
+    ) -> None:
         super().__init__(message)
+        self.reason = reason
         self.message = message
         self.code = code
         self.param = param
@@ -38,15 +44,26 @@ class MarkerError(ClientError):
     """Invalid ``cache_control`` markers (DESIGN §4.2)."""
 
     def __init__(self, reason: RejectReason, message: str) -> None:
-        super().__init__(message, "invalid_cache_control", "messages[].content[].cache_control")
-        self.reason = reason
+        super().__init__(reason, message, "invalid_cache_control", "cache_control")
+
+
+class BreakpointParamError(ClientError):
+    """An unsupported ``cacheBreakpoint`` query parameter value (DESIGN §3.0.1)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(
+            RejectReason.INVALID_CACHE_BREAKPOINT,
+            message,
+            "invalid_cache_breakpoint",
+            "cacheBreakpoint",
+        )
 
 
 class BodyReadError(ClientError):
-    """The request body could not be read within the size limit."""
+    """The request body could not be read: over the size limit, or markers not readable."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, "body_read_failed")
+    def __init__(self, message: str, reason: RejectReason = RejectReason.BODY_READ_FAILED) -> None:
+        super().__init__(reason, message, reason.value)
 
 
 class UpstreamFormatError(ExtprocError):

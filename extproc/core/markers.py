@@ -1,20 +1,21 @@
-"""Validate and strip ``cache_control`` markers; force usage reporting on streams (DESIGN §4).
+"""Validate ``cache_control`` markers and place the automatic breakpoint (DESIGN §3.0.1, §4).
 
 Rules:
-* a marker lives on a content block (an element of a ``messages[i].content`` array);
-* ``null`` or absent is no marker, anything else must be ``{"type": "ephemeral"}`` with an
+* ``null`` or absent is no marker; anything else must be ``{"type": "ephemeral"}`` with an
   optional string ``ttl`` naming an enabled tier; a marker without ``ttl`` gets the default;
-* at most ``MAX_BREAKPOINTS`` markers per request;
-* every error message starts with its reason code, and ``error_envelope`` is the one place
-  the 400 body is built;
-* ``strip_markers`` removes every block's ``cache_control`` key (``null`` too) and nothing
-  else, sets ``stream_options.include_usage`` on streams, and is idempotent.
+* at most ``MAX_BREAKPOINTS`` explicit markers per request, counted before automatic caching
+  is placed;
+* the automatic breakpoint goes on the last block: a no-op when that block has an explicit
+  marker of the same tier, a conflict for another tier, and refused when the explicit markers
+  have used every slot;
+* the messages are the reference's word for word (clients and dashboards match on them), and
+  ``error_envelope`` is the one place the 400 body is built.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from extproc.core import codec
 from extproc.core.errors import ClientError, MarkerError, RejectReason
@@ -23,43 +24,55 @@ from extproc.core.model import Tier, TierPolicy
 MAX_BREAKPOINTS = 4
 MARKER_KEY = "cache_control"
 
+MALFORMED_MESSAGE = (
+    'cache_control must be an object with a string "type": "ephemeral" '
+    '(and an optional string "ttl")'
+)
+CONFLICT_MESSAGE = (
+    "top-level cache_control ttl conflicts with the explicit cache_control on the last block"
+)
+NO_SLOT_MESSAGE = (
+    f"no breakpoint slot left for automatic caching (all {MAX_BREAKPOINTS} used by explicit "
+    "markers)"
+)
 
-def marker_tier(value: object, policy: TierPolicy, where: str) -> Tier | None:
-    """The tier a marker asks for, ``None`` for no marker; raises ``MarkerError``.
 
-    ``where`` names the block (e.g. ``messages[1].content[0]``) for the error message.
-    """
+def marker_tier(value: object, policy: TierPolicy) -> Tier | None:
+    """The tier a marker asks for, ``None`` for no marker; raises ``MarkerError``."""
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise _reject(RejectReason.MALFORMED, f"{where}.cache_control must be an object or null")
+        raise MarkerError(RejectReason.MALFORMED, MALFORMED_MESSAGE)
     kind = value.get("type")
     if not isinstance(kind, str):
-        raise _reject(RejectReason.MALFORMED, f"{where}.cache_control.type must be a string")
+        raise MarkerError(RejectReason.MALFORMED, MALFORMED_MESSAGE)
     if kind != "ephemeral":
-        raise _reject(
+        raise MarkerError(
             RejectReason.UNSUPPORTED_TYPE,
-            f'{where}.cache_control.type {_quote(kind)} is not supported; use "ephemeral"',
+            f'unsupported cache_control type: {codec.quote(kind)} (only "ephemeral")',
         )
     if "ttl" not in value:
         return policy.default
-    return _tier_of(value["ttl"], policy, where)
+    return _tier_of(value["ttl"], policy)
 
 
-def _tier_of(ttl: object, policy: TierPolicy, where: str) -> Tier:
+def _tier_of(ttl: object, policy: TierPolicy) -> Tier:
     if not isinstance(ttl, str):
-        raise _reject(RejectReason.MALFORMED, f"{where}.cache_control.ttl must be a string")
+        raise MarkerError(RejectReason.MALFORMED, MALFORMED_MESSAGE)
     tier = Tier.parse(ttl)
     if tier is None:
-        known = ", ".join(t.value for t in Tier)
-        raise _reject(
-            RejectReason.INVALID_TTL,
-            f"{where}.cache_control.ttl {_quote(ttl)} is not a known tier ({known})",
+        raise MarkerError(
+            RejectReason.INVALID_TTL, f"invalid cache_control ttl: {codec.quote(ttl)}"
         )
+    return require_enabled(tier, policy)
+
+
+def require_enabled(tier: Tier, policy: TierPolicy) -> Tier:
+    """``tier``, or ``tier_disabled`` when this deployment does not offer it."""
     if tier not in policy.enabled:
-        raise _reject(
+        raise MarkerError(
             RejectReason.TIER_DISABLED,
-            f"{where}.cache_control.ttl {_quote(ttl)} is not enabled here; "
+            f"cache_control ttl tier '{tier.value}' is not currently available; "
             f"available tiers: {policy.available()}",
         )
     return tier
@@ -68,18 +81,35 @@ def _tier_of(ttl: object, policy: TierPolicy, where: str) -> Tier:
 def check_breakpoint_count(count: int) -> None:
     """Raise ``too_many_breakpoints`` when ``count`` exceeds ``MAX_BREAKPOINTS``."""
     if count > MAX_BREAKPOINTS:
-        raise _reject(
+        raise MarkerError(
             RejectReason.TOO_MANY_BREAKPOINTS,
-            f"{count} cache_control breakpoints; at most {MAX_BREAKPOINTS} are allowed",
+            f"too many cache_control breakpoints (max {MAX_BREAKPOINTS})",
         )
 
 
-def _reject(reason: RejectReason, detail: str) -> MarkerError:
-    return MarkerError(reason, f"{reason.value}: {detail}")
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where automatic caching puts its breakpoint: ``block`` is ``None`` for a no-op."""
+
+    block: int | None
+    tier: Tier
 
 
-def _quote(text: str) -> str:
-    return codec.dumps(text).decode()
+def place_automatic(tier: Tier, tiers: Sequence[Tier | None]) -> Placement:
+    """The automatic breakpoint of ``tier`` given each block's explicit tier (in block order).
+
+    Raises ``automatic_ttl_conflict`` or ``automatic_no_slot``; with no blocks it is a no-op.
+    """
+    if not tiers:
+        return Placement(None, tier)
+    last = tiers[-1]
+    if last is not None:
+        if last is not tier:
+            raise MarkerError(RejectReason.AUTOMATIC_TTL_CONFLICT, CONFLICT_MESSAGE)
+        return Placement(None, tier)
+    if sum(t is not None for t in tiers) >= MAX_BREAKPOINTS:
+        raise MarkerError(RejectReason.AUTOMATIC_NO_SLOT, NO_SLOT_MESSAGE)
+    return Placement(len(tiers) - 1, tier)
 
 
 def error_envelope(err: ClientError) -> bytes:
@@ -91,49 +121,3 @@ def error_envelope(err: ClientError) -> bytes:
         "param": err.param,
     }
     return codec.dumps({"error": error})
-
-
-@dataclass(frozen=True, slots=True)
-class Stripped:
-    """What ``strip_markers`` found and did."""
-
-    had_markers: bool
-    changed: bool
-
-
-def strip_markers(body: dict[str, Any]) -> Stripped:
-    """Strip markers and force ``include_usage`` in place (``body`` is a freshly parsed copy)."""
-    had_markers, removed = _strip_blocks(body.get("messages"))
-    forced = _force_include_usage(body)
-    return Stripped(had_markers=had_markers, changed=removed or forced)
-
-
-def _strip_blocks(messages: object) -> tuple[bool, bool]:
-    """(non-null marker seen, any key removed) over every content array."""
-    had_markers = removed = False
-    if not isinstance(messages, list):
-        return had_markers, removed
-    for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
-        if not isinstance(content, list):
-            continue
-        for block in content:
-            if isinstance(block, dict) and MARKER_KEY in block:
-                marker = block.pop(MARKER_KEY)
-                had_markers = had_markers or marker is not None
-                removed = True
-    return had_markers, removed
-
-
-def _force_include_usage(body: dict[str, Any]) -> bool:
-    """Set ``stream_options.include_usage`` on a stream; a non-object option is left alone."""
-    if body.get("stream") is not True:
-        return False
-    options = body.get("stream_options")
-    if options is None:
-        body["stream_options"] = {"include_usage": True}
-        return True
-    if not isinstance(options, dict) or options.get("include_usage") is True:
-        return False
-    options["include_usage"] = True
-    return True

@@ -61,6 +61,23 @@ class TierPolicy:
         return ", ".join(t.value for t in Tier if t in self.enabled)
 
 
+DEFAULT_TELEMETRY_PREFIXES = ("x-anthropic-billing-header:",)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestPolicy:
+    """How request bodies are read: the tier policy and the telemetry blocks to leave out.
+
+    A telemetry block is an unmarked text block of a system message whose text (leading white
+    space trimmed) starts with one of ``telemetry_prefixes``; it is never hashed or tokenized,
+    and ``strip_telemetry`` removes it from the forwarded body too.
+    """
+
+    tiers: TierPolicy = field(default_factory=TierPolicy)
+    telemetry_prefixes: tuple[str, ...] = DEFAULT_TELEMETRY_PREFIXES
+    strip_telemetry: bool = True
+
+
 @dataclass(frozen=True, slots=True)
 class Caller:
     """Who sent the request, as far as Envoy tells: bearer token and the headers we forward."""
@@ -158,8 +175,9 @@ class Outcome(enum.Enum):
 class Classification:
     """The result of classify: the outcome, the split to inject and what to commit on success.
 
-    ``split`` is ``None`` exactly when the outcome is inactive (usage is left untouched);
-    ``reason`` says why a request degraded (e.g. ``"no_bearer"``, ``"below_floor"``).
+    ``split`` is ``None`` exactly when the outcome is inactive (no cache fields of ours);
+    ``reason`` says why a request degraded (e.g. ``"no_bearer"``, ``"below_floor"``);
+    ``engine`` means the read is the engine's own prefix-cache hits, taken from the response.
     """
 
     outcome: Outcome
@@ -167,6 +185,7 @@ class Classification:
     pending: PendingWrite | None = None
     reason: str = ""
     model: str | None = None
+    engine: bool = False
 
     @classmethod
     def inactive(cls, reason: str) -> Classification:
@@ -175,3 +194,10 @@ class Classification:
     @classmethod
     def zero(cls, reason: str, model: str) -> Classification:
         return cls(Outcome.ZERO_ACTIVE, split=Split(), reason=reason, model=model)
+
+    @classmethod
+    def engine_read(cls, model: str) -> Classification:
+        """An unmarked request whose read is what the engine reports (DESIGN §3.0.2)."""
+        return cls(
+            Outcome.ZERO_ACTIVE, split=Split(), reason="engine_cache", model=model, engine=True
+        )

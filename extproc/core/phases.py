@@ -104,6 +104,13 @@ class ReplaceBody:
 
 
 @dataclass(frozen=True, slots=True)
+class RewritePath:
+    """Continue the request headers with ``:path`` replaced (a query parameter removed)."""
+
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
 class Reject:
     """Answer the client directly (the 400 envelope); the request is never forwarded."""
 
@@ -133,5 +140,5 @@ class EmitChunk:
     data: bytes
 
 
-Action = Continue | SkipRest | ReplaceBody | Reject | WatchResponse | EmitChunk
+Action = Continue | SkipRest | RewritePath | ReplaceBody | Reject | WatchResponse | EmitChunk
 Step = Action | NeedClassification

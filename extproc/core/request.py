@@ -1,20 +1,35 @@
-"""Prepare one chat-completions request body: parse once, validate, hash, strip.
+"""Prepare one chat-completions request body: read it once, validate, hash, strip (DESIGN §3, §4).
 
 Invariants:
-* the body is parsed exactly once; a body that is not a JSON object yields ``None`` and is
-  forwarded untouched (the upstream answers it);
-* invalid markers raise ``MarkerError`` before anything else is decided;
+* the body is read losslessly (``spans``) and never re-serialised: the forwarded body is the
+  received bytes with the markers, telemetry blocks and ``include_usage`` edits spliced in, so
+  every value we do not own reaches the upstream as the client sent it;
 * when nothing changed, ``Prepared.body`` is the very bytes object that came in;
-* blocks, hashes and breakpoints come from one pass over the messages, before stripping.
+* a body that is not a JSON object is forwarded untouched, unless it may carry a marker we
+  cannot read: then it is refused (``unreadable_body``), never forwarded with its markers;
+* invalid markers raise ``MarkerError``: block markers in block order first, then the count,
+  then the top-level (automatic) marker and its placement;
+* a non-null top-level ``cache_control`` wins over the ``cacheBreakpoint`` query parameter.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
-from extproc.core import codec, markers, prefix
-from extproc.core.model import PrefixHash, TierPolicy
-from extproc.core.prefix import Block, Breakpoint
+from extproc.core import codec, markers, spans
+from extproc.core.dialects import chat
+from extproc.core.errors import BodyReadError, RejectReason
+from extproc.core.model import PrefixHash, RequestPolicy, Tier
+from extproc.core.prefix import Block, Breakpoint, prefix_hashes
+
+AUTOMATIC_QUERY_TIER = Tier.H1
+"""The tier ``cacheBreakpoint=lastUserMessage`` asks for."""
+
+# A member name can be written with escapes ("cache\u005fcontrol"): an unreadable body with
+# an escaped printable ASCII character may hide a marker as well as one that spells it.
+_ESCAPED_ASCII = re.compile(rb"\\u00[2-7][0-9a-fA-F]")
+_MARKER_BYTES = markers.MARKER_KEY.encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,26 +44,82 @@ class Prepared:
     blocks: tuple[Block, ...]
     hashes: tuple[PrefixHash, ...]
     breakpoints: tuple[Breakpoint, ...]
+    telemetry: tuple[chat.Telemetry, ...] = ()
 
 
-def prepare(raw: bytes, policy: TierPolicy) -> Prepared | None:
-    """Parse and validate ``raw``; ``None`` when it is not a JSON object."""
+def prepare(raw: bytes, policy: RequestPolicy, query_automatic: bool = False) -> Prepared | None:
+    """Read and validate ``raw``; ``None`` when it is not a JSON object (forward it untouched).
+
+    ``query_automatic`` says the path carried ``cacheBreakpoint=lastUserMessage``.
+    """
+    text = spans.decode(raw)
     try:
-        body = codec.loads(raw)
-    except codec.JSONDecodeError:
+        root = spans.read(text, chat.SHAPE)
+    except spans.NotJson:
+        _refuse_if_marked(raw)
         return None
-    if not isinstance(body, dict):
+    if not isinstance(root.value, dict):
         return None
-    scanned = prefix.scan(body.get("messages"), policy)
-    stripped = markers.strip_markers(body)
-    model = body.get("model")
+    splice = spans.Splice()
+    found = chat.layout(root, policy, splice)
+    blocks, points = _breakpoints(found, policy, query_automatic)
+    model = root.value.get("model")
     return Prepared(
-        body=codec.dumps(body) if stripped.changed else raw,
-        changed=stripped.changed,
-        had_markers=stripped.had_markers,
+        body=spans.encode(splice.apply(text)) if splice else raw,
+        changed=bool(splice),
+        had_markers=bool(points) or found.top_marker is not None or query_automatic,
         model=model if isinstance(model, str) else None,
-        stream=body.get("stream") is True,
-        blocks=scanned.blocks,
-        hashes=scanned.hashes,
-        breakpoints=scanned.breakpoints,
+        stream=root.value.get("stream") is True,
+        blocks=blocks,
+        hashes=prefix_hashes(blocks),
+        breakpoints=points,
+        telemetry=found.telemetry,
     )
+
+
+def _breakpoints(
+    found: chat.Layout, policy: RequestPolicy, query_automatic: bool
+) -> tuple[tuple[Block, ...], tuple[Breakpoint, ...]]:
+    """The blocks with their explicit tiers, and every breakpoint (automatic one included)."""
+    tiers = [markers.marker_tier(site.marker, policy.tiers) for site in found.sites]
+    explicit = [Breakpoint(i, tier) for i, tier in enumerate(tiers) if tier is not None]
+    markers.check_breakpoint_count(len(explicit))
+    blocks = tuple(
+        Block(s.role, s.kind, s.text, s.body, s.where, tier)
+        for s, tier in zip(found.sites, tiers, strict=True)
+    )
+    automatic = _automatic_tier(found.top_marker, policy, query_automatic)
+    if automatic is None:
+        return blocks, tuple(explicit)
+    placed = markers.place_automatic(automatic, tiers)
+    if placed.block is None:
+        return blocks, tuple(explicit)
+    return blocks, (*explicit, Breakpoint(placed.block, placed.tier, automatic=True))
+
+
+def _automatic_tier(top: object, policy: RequestPolicy, query_automatic: bool) -> Tier | None:
+    if top is not None:
+        return markers.marker_tier(top, policy.tiers)
+    if query_automatic:
+        return markers.require_enabled(AUTOMATIC_QUERY_TIER, policy.tiers)
+    return None
+
+
+def _refuse_if_marked(raw: bytes) -> None:
+    """Refuse an unreadable body that may carry a marker: another parser might read it."""
+    if _MARKER_BYTES in _as_utf8(raw) or _ESCAPED_ASCII.search(raw):
+        raise BodyReadError(
+            "request body is not valid JSON; cache_control markers can only be read in a "
+            "valid UTF-8 JSON body",
+            RejectReason.UNREADABLE_BODY,
+        )
+
+
+def _as_utf8(raw: bytes) -> bytes:
+    """``raw``, re-encoded as UTF-8 when it is JSON in UTF-16 or UTF-32 (RFC 4627 detection)."""
+    if b"\x00" not in raw[:4]:
+        return raw
+    try:
+        return raw.decode(codec.detect_encoding(raw)).encode("utf-8", "surrogatepass")
+    except (UnicodeDecodeError, LookupError):
+        return raw

@@ -6,15 +6,19 @@ Rules:
   below, anything else raises ``SessionStateError``;
 * only ``POST`` to a path ending in ``/chat/completions`` (query excluded) is watched; anything
   else gets ``SkipRest`` and from then on every message is answered ``Continue`` untouched;
-* a request body that is not a JSON object is forwarded untouched; invalid markers or an
-  oversized body end the session with a ``Reject`` (the 400 envelope);
-* the classification is asked for only at the end of a JSON body or at the SSE usage frame,
-  never on response headers (one offered by then and known inactive means the body is not
-  watched), and never while events before the usage frame wait in the same
-  chunk: those go out first and the usage frame is held for the next message (or offered a
-  classification that is already there);
-* SSE bytes come out exactly once, in order; only the usage frame is rewritten; a partial
-  event is held back until it completes or the stream ends;
+* a ``cacheBreakpoint`` query parameter is read on the request headers: a bad value ends the
+  session with a ``Reject``, a good one is removed from the path (``RewritePath``);
+* a request body that is not a JSON object is forwarded untouched; invalid markers, an
+  unreadable marked body or an oversized body end the session with a ``Reject``;
+* a request that cannot be classified (no bearer token, not JSON) is inactive at once;
+* a 2xx JSON or SSE answer is watched when there is something to write: a classification to
+  come or known active, or provider cache fields to scrub (``SessionPolicy.scrub``);
+* the classification is asked for only at the end of a JSON body or at the first *final*
+  SSE usage frame, never on response headers, and never while events before that frame wait
+  in the same chunk: those go out first and the frame is held for the next message (or
+  offered a classification that is already there); earlier usage frames never wait;
+* SSE bytes come out exactly once, in order; only usage-bearing frames are rewritten; a
+  partial event is held back until it completes or the stream ends;
 * a committing verdict is decided only on the response's end of stream (or trailers); a
   non-2xx status vetoes at once; a session without a verdict commits nothing.
 """
@@ -26,9 +30,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from extproc.core import markers, request, sse, usage, verdict
-from extproc.core.errors import BodyReadError, ClientError, MarkerError, SessionStateError
-from extproc.core.model import Caller, Classification, PendingWrite, TierPolicy
+from extproc.core import markers, query, request, sse, usage, verdict
+from extproc.core.errors import BodyReadError, ClientError, SessionStateError
+from extproc.core.model import Caller, Classification, PendingWrite, RequestPolicy
 from extproc.core.phases import (
     CONTINUE,
     EVENT_TYPES,
@@ -48,6 +52,7 @@ from extproc.core.phases import (
     ResponseHeaders,
     ResponseMode,
     ResponseTrailers,
+    RewritePath,
     SkipRest,
     Step,
     WatchResponse,
@@ -63,9 +68,10 @@ SSE_TYPE = "text/event-stream"
 class SessionPolicy:
     """What the session needs from the configuration."""
 
-    tiers: TierPolicy = field(default_factory=TierPolicy)
+    request: RequestPolicy = field(default_factory=RequestPolicy)
     max_body_bytes: int = 8 << 20
     caller_headers: frozenset[str] = frozenset()
+    scrub: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +113,7 @@ class Session:
         self._job: ClassifyJob | None = None
         self._job_taken = False
         self._mode: ResponseMode | None = None
+        self._query_automatic = False
         self._sse = sse.SseStream()
         self._backlog: list[sse.SseEvent] = []
         self._out = bytearray()
@@ -182,8 +189,15 @@ class Session:
         self.is_chat = True
         self.request_id = event.headers.get("x-request-id", "")[:128]
         self._caller = caller_from(event.headers, self.policy.caller_headers)
+        try:
+            param = query.read_breakpoint_param(event.path)
+        except ClientError as err:
+            return self._reject(err)
         self.state = State.RESPONSE_HEADERS if event.end_of_stream else State.REQUEST_BODY
-        return CONTINUE
+        if param is None:
+            return CONTINUE
+        self._query_automatic = True
+        return RewritePath(param.path)
 
     def _on_request_body(self, event: RequestBody) -> Step:
         if not event.end_of_stream:
@@ -192,19 +206,22 @@ class Session:
         self.state = State.RESPONSE_HEADERS
         try:
             prepared = self._prepare(event.body)
-        except (MarkerError, BodyReadError) as err:
+        except ClientError as err:
             return self._reject(err)
         if prepared is None:
+            self.classification = Classification.inactive("not_json")
             return CONTINUE
         self.prepared = prepared
-        if self._caller.bearer:  # without one the outcome is inactive: nothing to classify
+        if self._caller.bearer:
             self._job = ClassifyJob(prepared, self._caller)
+        else:  # the outcome is inactive: nothing to classify
+            self.classification = Classification.inactive("no_bearer")
         return ReplaceBody(prepared.body) if prepared.changed else CONTINUE
 
     def _prepare(self, body: bytes) -> Prepared | None:
         if len(body) > self.policy.max_body_bytes:
             raise BodyReadError(f"request body exceeds {self.policy.max_body_bytes} bytes")
-        return request.prepare(body, self.policy.tiers)
+        return request.prepare(body, self.policy.request, self._query_automatic)
 
     def _reject(self, err: ClientError) -> Reject:
         self.rejected = err
@@ -234,12 +251,14 @@ class Session:
         return WatchResponse(mode)
 
     def _response_mode(self, event: ResponseHeaders) -> ResponseMode | None:
-        """Watch the body only when there is something to account and it can be edited.
+        """Watch the body only when there is something to write and it can be edited.
 
-        A classification already known to be inactive (offered before the response headers)
-        leaves nothing to edit or commit: the body is not watched at all.
+        Something to write: a classification still to come or known active, or (scrubbing
+        on) provider cache fields that an inactive answer must lose.
         """
-        if self._job is None or not is_success(event.status) or self._known_inactive:
+        if not self.is_chat or not is_success(event.status):
+            return None
+        if self._known_inactive and not self.policy.scrub:
             return None
         media = media_type(event.content_type)
         if media == SSE_TYPE:
@@ -259,8 +278,7 @@ class Session:
         return NEED_CLASSIFICATION
 
     def _finish_json(self) -> Action:
-        assert self.classification is not None
-        edit = usage.edit_json_body(self._chunk, self.classification.split)
+        edit = usage.edit_json_body(self._chunk, self._rule)
         self._decide(
             end_of_stream=True,
             usage_seen=edit.usage_seen,
@@ -282,7 +300,7 @@ class Session:
     def _drain_sse(self) -> Step:
         while self._backlog:
             event = self._backlog[0]
-            if event.kind is sse.Kind.USAGE and self.classification is None:
+            if event.kind is sse.Kind.FINAL and self.classification is None:
                 if self._out and not self._eos:
                     break  # send the tokens before it now; join on the next message
                 self.state = State.AWAIT_CLASSIFICATION
@@ -293,10 +311,13 @@ class Session:
         return self._take_chunk()
 
     def _emit(self, event: sse.SseEvent) -> bytes:
-        if event.kind is not sse.Kind.USAGE or self.classification is None:
+        if event.kind not in sse.USAGE_KINDS:
             return event.raw
-        split = self.classification.split
-        return event.raw if split is None else self._sse.edit_usage_event(event, split)
+        return self._sse.edit_usage_event(event, self._rule)
+
+    @property
+    def _rule(self) -> usage.UsageRule:
+        return usage.UsageRule.of(self.classification, self.policy.scrub)
 
     def _take_chunk(self) -> Action:
         out, self._out = bytes(self._out), bytearray()
@@ -397,6 +418,7 @@ __all__ = [
     "ResponseHeaders",
     "ResponseMode",
     "ResponseTrailers",
+    "RewritePath",
     "Session",
     "SessionPolicy",
     "SkipRest",

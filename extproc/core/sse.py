@@ -1,4 +1,4 @@
-"""Incremental SSE framing and the one edit it allows: the usage frame.
+"""Incremental SSE framing and the one edit it allows: the usage of usage-bearing frames.
 
 A sans-IO core: bytes go in through ``SseStream.feed``, complete events come out as the bytes
 received; "need more data" is an empty list. ``flush`` at end of stream hands back the rest.
@@ -6,14 +6,17 @@ received; "need more data" is an empty list. ``flush`` at end of stream hands ba
 Rules:
 * every byte fed comes out exactly once, in order and unchanged, in the ``raw`` of an event
   returned by ``feed`` or ``flush`` (or in ``EventTooLarge.pending``); the only bytes that
-  are ever rewritten are the usage frame's, and only by ``SseStream.edit_usage_event``;
+  are ever rewritten are a usage-bearing frame's, inside its ``usage`` value, and only by
+  ``edit_usage_event``;
 * framing does not depend on chunking: an event ends with its blank line, line endings
   ``\\n``, ``\\r\\n`` and ``\\r`` mixed freely; a blank line that ends in ``\\r`` at the end of
   the data waits for the next byte, which may make it ``\\r\\n``;
-* an event is JSON-parsed only when its bytes contain ``"error"`` or ``[DONE]``, or, until the
-  usage frame was seen, ``"usage"`` other than as ``"usage":null``;
-* the usage frame is the first event whose data is a JSON object with a ``usage`` object and
-  no error; an error frame is one whose data object has an ``error`` object (or is the older
+* an event is JSON-parsed only when its bytes contain ``"error"`` or ``[DONE]``, or
+  ``"usage"`` other than as ``"usage":null``;
+* a usage-bearing frame is one whose data is a JSON object with a ``usage`` object and no
+  error; it is *final* (``Kind.FINAL``) when its ``choices`` is empty or absent or one of
+  them has a ``finish_reason``, else ``Kind.USAGE`` (vLLM's continuous usage stats); an error
+  frame is one whose data object has an ``error`` object (or is the older
   ``"object": "error"`` envelope);
 * an event longer than ``MAX_EVENT_BYTES`` raises ``EventTooLarge``; from then on the stream
   passes every chunk through as one plain event, unframed and unclassified.
@@ -24,11 +27,11 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
+from typing import Any
 
-from extproc.core import codec
+from extproc.core import spans
 from extproc.core.errors import UpstreamFormatError
-from extproc.core.model import Split
-from extproc.core.usage import inject_usage, is_error_document, parse_object
+from extproc.core.usage import UsageRule, edit_document, is_error_document, parse_object
 
 MAX_EVENT_BYTES = 64 * 1024
 
@@ -46,8 +49,12 @@ class Kind(enum.Enum):
 
     PLAIN = "plain"
     USAGE = "usage"
+    FINAL = "final"
     ERROR = "error"
     DONE = "done"
+
+
+USAGE_KINDS = frozenset({Kind.USAGE, Kind.FINAL})
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,19 +128,17 @@ class SseStream:
         self._scan = 0
         return events
 
-    def edit_usage_event(self, event: SseEvent, split: Split) -> bytes:
-        """The usage frame's bytes with ``split`` spliced in."""
-        if event.kind is not Kind.USAGE:
-            raise ValueError(f"not the usage frame: {event.kind.value} event")
+    def edit_usage_event(self, event: SseEvent, rule: UsageRule) -> bytes:
+        """A usage-bearing frame's bytes with ``rule`` applied to its usage."""
+        if event.kind not in USAGE_KINDS:
+            raise ValueError(f"not a usage-bearing frame: {event.kind.value} event")
         payload = _data_payload(event.raw)
-        doc = None if payload is None else parse_object(payload)
-        if doc is None:
+        edit = None if payload is None else edit_document(spans.decode(payload), rule)
+        if edit is None:
             raise ValueError("the usage frame carries no JSON object")
-        edited = inject_usage(doc["usage"], split)
-        if edited == doc["usage"]:
+        if edit.text is None:
             return event.raw
-        doc["usage"] = edited
-        return _replace_data(event.raw, codec.dumps(doc))
+        return _replace_data(event.raw, spans.encode(edit.text))
 
     def _pending(self, chunk: bytes) -> bytes | bytearray:
         """The bytes to frame: the chunk itself when nothing is held (no copy), else the buffer."""
@@ -172,27 +177,46 @@ class SseStream:
         self._scan = max(0, len(self._buf) - _LOOKBACK)
 
     def _classify(self, raw: bytes) -> Kind:
-        if not self._may_matter(raw):
+        if not _may_matter(raw):
             return Kind.PLAIN
         payload = _data_payload(raw)
         if payload == b"[DONE]":
             self._done_seen = True
             return Kind.DONE
-        doc = None if payload is None else parse_object(payload)
+        doc = None if payload is None else _parse(payload)
         if doc is None:
             return Kind.PLAIN
         if is_error_document(doc):
             self._error_seen = True
             return Kind.ERROR
-        if not self._usage_seen and isinstance(doc.get("usage"), dict):
-            self._usage_seen = True
-            return Kind.USAGE
-        return Kind.PLAIN
+        if not isinstance(doc.get("usage"), dict):
+            return Kind.PLAIN
+        self._usage_seen = True
+        return Kind.FINAL if is_final(doc) else Kind.USAGE
 
-    def _may_matter(self, raw: bytes) -> bool:
-        if b'"error"' in raw or b"[DONE]" in raw:
-            return True
-        return not self._usage_seen and _has_usage_key(raw)
+
+def is_final(doc: dict[str, Any]) -> bool:
+    """A usage frame after the tokens: no choices left, or one that finished."""
+    choices = doc.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return True
+    return any(isinstance(c, dict) and c.get("finish_reason") is not None for c in choices)
+
+
+def _parse(payload: bytes) -> dict[str, Any] | None:
+    """The payload as an object: orjson first, the lossless reader for what it refuses."""
+    doc = parse_object(payload)
+    if doc is not None:
+        return doc
+    try:
+        value = spans.read(spans.decode(payload), spans.LEAF).value
+    except spans.NotJson:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _may_matter(raw: bytes) -> bool:
+    return b'"error"' in raw or b"[DONE]" in raw or _has_usage_key(raw)
 
 
 def _cut(data: bytes | bytearray, start: int, end: int) -> bytes:
@@ -243,7 +267,7 @@ def _data_payload(raw: bytes) -> bytes | None:
 
 
 def _replace_data(raw: bytes, data: bytes) -> bytes:
-    """``raw`` with its data lines replaced by one line of ``data`` at the first one's place."""
+    """``raw`` with its data lines replaced, at the first one's place, by ``data``'s lines."""
     parts: list[bytes] = []
     placed = False
     for line in _LINE.finditer(raw):
@@ -252,6 +276,6 @@ def _replace_data(raw: bytes, data: bytes) -> bytes:
             parts.append(line.group(0))
         elif not placed:
             prefix = b"data: " if content.startswith(b"data: ") else b"data:"
-            parts.append(prefix + data + eol)
+            parts += [prefix + piece + eol for piece in data.split(b"\n")]
             placed = True
     return b"".join(parts)

@@ -15,9 +15,11 @@ from extproc.config import (
     PrincipalKind,
     PrincipalSource,
     Settings,
+    reply_budget_ms,
 )
 from extproc.core import codec
-from extproc.core.model import Tier, TierPolicy
+from extproc.core.classify import EngineCache
+from extproc.core.model import RequestPolicy, Tier, TierPolicy
 
 DB = "postgresql://extproc@127.0.0.1:5432/extproc"
 
@@ -33,7 +35,11 @@ def test_defaults() -> None:
     assert s.tiers == TierPolicy(frozenset(Tier), Tier.M5)
     assert s.principal_source == PrincipalSource(PrincipalKind.API_KEYS)
     assert s.metrics_listen == HostPort("127.0.0.1", 9464)
-    assert (s.classify_deadline_ms, s.commit_deadline_ms) == (150, 2000)
+    assert (s.classify_deadline_ms, s.commit_deadline_ms) == (5000, 2000)
+    assert (s.envoy_message_timeout_ms, s.envoy_max_message_timeout_ms) == (2000, 30000)
+    assert s.request_policy == RequestPolicy(s.tiers, ("x-anthropic-billing-header:",), True)
+    assert s.scrub_provider_cache
+    assert s.engine_cache is EngineCache.IGNORE
     assert s.tokenizer_timeout_ms == 1000
     assert s.max_body_bytes == 8 << 20
     assert s.grpc_message_limit > s.max_body_bytes
@@ -73,6 +79,17 @@ VALID = [
     pytest.param("WORKERS", "4", "workers", 4, id="workers"),
     pytest.param("LOG_LEVEL", "debug", "log_level", "DEBUG", id="log-level"),
     pytest.param("SWEEP_INTERVAL_S", "0", "sweep_interval_s", 0.0, id="sweep-off"),
+    pytest.param("TELEMETRY_PREFIXES", "x-billing:, x-trace: ", "telemetry_prefixes",
+                 ("x-billing:", "x-trace:"), id="telemetry-prefixes"),
+    pytest.param("TELEMETRY_PREFIXES", "none", "telemetry_prefixes", (), id="telemetry-none"),
+    pytest.param("TELEMETRY_STRIP", "false", "telemetry_strip", False, id="telemetry-kept"),
+    pytest.param("TELEMETRY_STRIP", "ON", "telemetry_strip", True, id="telemetry-strip-on"),
+    pytest.param("SCRUB_PROVIDER_CACHE", "0", "scrub_provider_cache", False, id="scrub-off"),
+    pytest.param("ENGINE_CACHE", "report", "engine_cache", EngineCache.REPORT, id="engine"),
+    pytest.param("ENVOY_MESSAGE_TIMEOUT_MS", "500", "envoy_message_timeout_ms", 500,
+                 id="envoy-timeout"),
+    pytest.param("ENVOY_MAX_MESSAGE_TIMEOUT_MS", "60000", "envoy_max_message_timeout_ms", 60000,
+                 id="envoy-max-timeout"),
 ]  # fmt: skip
 
 
@@ -108,6 +125,11 @@ INVALID = [
     pytest.param("WORKERS", "0", id="workers-zero"),
     pytest.param("LOG_LEVEL", "chatty", id="log-level"),
     pytest.param("SWEEP_INTERVAL_S", "-5", id="sweep-negative"),
+    pytest.param("TELEMETRY_PREFIXES", ",", id="telemetry-empty-list"),
+    pytest.param("TELEMETRY_STRIP", "maybe", id="telemetry-strip-not-bool"),
+    pytest.param("SCRUB_PROVIDER_CACHE", "2", id="scrub-not-bool"),
+    pytest.param("ENGINE_CACHE", "trust", id="engine-unknown"),
+    pytest.param("ENVOY_MESSAGE_TIMEOUT_MS", "0", id="envoy-timeout-zero"),
 ]
 
 
@@ -245,3 +267,45 @@ def test_tokenizer_timeout_reaches_the_service_client(
     from extproc.app import tokenizer_timeouts
 
     assert tokenizer_timeouts(settings(EXTPROC_TOKENIZER_TIMEOUT_MS=millis)) == expected
+
+
+DEADLINES = [
+    pytest.param({"CLASSIFY_DEADLINE_MS": "1500"}, True, id="fits-envoys-timeout"),
+    pytest.param({"CLASSIFY_DEADLINE_MS": "5000"}, True, id="extends-envoys-timeout"),
+    pytest.param({"CLASSIFY_DEADLINE_MS": "29500"}, True, id="just-under-the-ceiling"),
+    pytest.param({"CLASSIFY_DEADLINE_MS": "29600"}, False, id="over-the-ceiling-with-margin"),
+    pytest.param(
+        {"CLASSIFY_DEADLINE_MS": "5000", "ENVOY_MAX_MESSAGE_TIMEOUT_MS": "0"},
+        False,
+        id="envoy-allows-no-extension",
+    ),
+    pytest.param(
+        {"CLASSIFY_DEADLINE_MS": "100", "ENVOY_MAX_MESSAGE_TIMEOUT_MS": "0"},
+        True,
+        id="no-extension-needed",
+    ),
+]
+
+
+@pytest.mark.parametrize(("env", "valid"), DEADLINES)
+def test_classify_deadline_must_fit_what_envoy_lets_a_reply_wait(
+    env: dict[str, str], valid: bool
+) -> None:
+    prefixed = {f"EXTPROC_{k}": v for k, v in env.items()}
+    if valid:
+        settings(**prefixed)
+        return
+    with pytest.raises(ConfigError, match=r"EXTPROC_CLASSIFY_DEADLINE_MS.*max_message_timeout"):
+        settings(**prefixed)
+
+
+@pytest.mark.parametrize(
+    ("timeout_ms", "budget_ms"),
+    [
+        pytest.param(200, 100, id="200ms"),
+        pytest.param(2000, 1500, id="2s"),
+        pytest.param(100, 0, id="100ms"),
+    ],
+)
+def test_reply_budget_leaves_a_margin(timeout_ms: int, budget_ms: int) -> None:
+    assert reply_budget_ms(timeout_ms) == budget_ms

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import psycopg
+import psycopg_pool
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
@@ -15,6 +16,8 @@ from extproc.adapters.postgres import (
     ExpirySweeper,
     PgPrefixIndex,
     Pool,
+    is_connection_error,
+    once_more_on_connection_error,
     open_pool,
     sweep_expired,
 )
@@ -180,13 +183,75 @@ async def proxied_index(database_url: str, proxy: TcpProxy) -> AsyncIterator[PgP
         await pool.close(timeout=1.0)
 
 
-async def test_cut_connections_raise_dependency_error(
+async def test_a_severed_connection_is_tried_once_more(
+    proxied_index: PgPrefixIndex, proxy: TcpProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    pending = PendingWrite(SCOPE, (CacheEntry(h("a"), 7, Tier.M5),), None)
+    assert await proxied_index.lookup(SCOPE, [h("a")]) == []
+    await proxy.cut()
+    await proxied_index.commit(pending)  # the pool's connection died: a new one does it
+    await proxy.cut()
+    assert await proxied_index.lookup(SCOPE, [h("a")]) == [IndexHit(h("a"), 7, Tier.M5)]
+    retried = [r.getMessage() for r in caplog.records if "trying once more" in r.getMessage()]
+    assert [m.split(":")[0] for m in retried] == ["index commit", "index lookup"]
+
+
+async def test_connections_that_keep_failing_raise_dependency_error(
     proxied_index: PgPrefixIndex, proxy: TcpProxy
 ) -> None:
     assert await proxied_index.lookup(SCOPE, [h("a")]) == []
     await proxy.cut()
+    await proxy.stop()
     with pytest.raises(DependencyError):
         await proxied_index.lookup(SCOPE, [h("a")])
+
+
+def _failing(errors: list[Exception]) -> tuple[list[int], Callable[[], Awaitable[str]]]:
+    calls: list[int] = []
+
+    async def attempt() -> str:
+        calls.append(1)
+        if errors:
+            raise errors.pop(0)
+        return "ok"
+
+    return calls, attempt
+
+
+CONNECTION_CLASS = [
+    pytest.param(psycopg.OperationalError("server closed the connection"), id="severed"),
+    pytest.param(psycopg.InterfaceError("the connection is closed"), id="closed"),
+    pytest.param(psycopg_pool.PoolTimeout("couldn't get a connection"), id="pool-reconnecting"),
+    pytest.param(psycopg.errors.AdminShutdown("terminating connection"), id="admin-shutdown"),
+    pytest.param(psycopg.errors.ConnectionFailure("connection failure"), id="class-08"),
+]
+LOGICAL = [
+    pytest.param(psycopg.errors.QueryCanceled("statement timeout"), id="statement-timeout"),
+    pytest.param(psycopg.errors.UniqueViolation("duplicate key"), id="constraint"),
+    pytest.param(psycopg.errors.InvalidTextRepresentation("bad input"), id="bad-data"),
+    pytest.param(psycopg.errors.UndefinedTable("no such table"), id="schema"),
+]
+
+
+@pytest.mark.parametrize("error", CONNECTION_CLASS)
+async def test_connection_class_errors_get_one_more_try(error: Exception) -> None:
+    assert is_connection_error(error)
+    calls, attempt = _failing([error])
+    assert await once_more_on_connection_error(attempt, "lookup") == "ok"
+    assert len(calls) == 2
+    calls, attempt = _failing([error, error])
+    with pytest.raises(type(error)):
+        await once_more_on_connection_error(attempt, "lookup")
+    assert len(calls) == 2  # once more, not more
+
+
+@pytest.mark.parametrize("error", LOGICAL)
+async def test_logical_errors_are_never_retried(error: Exception) -> None:
+    assert not is_connection_error(error)
+    calls, attempt = _failing([error])
+    with pytest.raises(type(error)):
+        await once_more_on_connection_error(attempt, "lookup")
+    assert len(calls) == 1
 
 
 async def test_stopped_server_raises_dependency_error(

@@ -139,8 +139,9 @@ async def test_unknown_model_is_never_a_metric_label(extproc_server: ServerHarne
     stream = extproc_server.stream()
     await stream.request_headers(**bearer())
     await stream.request_body(MARKED.replace(b'"model":"m"', b'"model":"client-typed-anything"'))
-    # Classify is done by now (the model is unknown at once): the body is not watched.
-    assert is_plain_continue(await stream.response_headers(200, "application/json"))
+    watched = await stream.response_headers(200, "application/json")  # to scrub provider fields
+    assert watched.mode_override == mode(Mode.SEND, Mode.BUFFERED)
+    assert is_plain_continue(await stream.response_body(JSON_ANSWER, eos=True))
     await stream.finish()
     assert extproc_server.counter("extproc.outcomes") == {(("outcome", "inactive"),): 1}
     assert extproc_server.counter("extproc.commit_vetoes") == {}
@@ -267,6 +268,88 @@ async def test_deadline_exceeded_leaves_usage_untouched_and_commits_nothing(
     assert index.inner.commits == []
     assert extproc_server.counter("extproc.classify_results") == {
         (("result", "deadline_exceeded"),): 1
+    }
+
+
+EXTENDING = servicer.Deadlines(classify_s=3.0, commit_s=10, reply_budget_s=0.1, margin_s=0.5)
+
+
+@pytest.mark.parametrize("deadlines", [pytest.param(EXTENDING, id="budget-100ms")])
+async def test_a_long_join_first_extends_envoys_timer(extproc_server: ServerHarness) -> None:
+    index = extproc_server.ports.index
+    index.lookup_gate.clear()
+    stream = extproc_server.stream()
+    await open_chat(stream)
+    await stream.response_headers(200, "application/json")
+    extension = await stream.response_body(JSON_ANSWER, eos=True)
+    assert kind(extension) is None  # only the timer, no reply yet
+    timeout = extension.override_message_timeout
+    assert 3.2 < timeout.seconds + timeout.nanos / 1e9 <= 3.4  # the rest of 3 s, plus 0.5
+    index.lookup_gate.set()
+    reply = await stream.read()
+    usage = codec.loads(common(reply).body_mutation.body)["usage"]
+    assert usage["cache_creation_input_tokens"] == 8
+    await stream.finish()
+
+
+@pytest.mark.parametrize("deadlines", [pytest.param(EXTENDING, id="budget-100ms")])
+async def test_a_quick_join_sends_no_extension(extproc_server: ServerHarness) -> None:
+    stream = extproc_server.stream()
+    await open_chat(stream)
+    await stream.response_headers(200, "application/json")
+    reply = await stream.response_body(JSON_ANSWER, eos=True)
+    assert kind(reply) == "response_body"
+    assert not reply.HasField("override_message_timeout")
+    await stream.finish()
+
+
+SHORT_EXTENDED = servicer.Deadlines(classify_s=0.3, commit_s=10, reply_budget_s=0.1, margin_s=0.5)
+
+
+@pytest.mark.parametrize("deadlines", [pytest.param(SHORT_EXTENDED, id="300ms")])
+async def test_an_extended_join_still_ends_at_the_deadline(extproc_server: ServerHarness) -> None:
+    extproc_server.ports.index.lookup_gate.clear()
+    stream = extproc_server.stream()
+    await open_chat(stream)
+    await stream.response_headers(200, "application/json")
+    assert kind(await stream.response_body(JSON_ANSWER, eos=True)) is None
+    assert is_plain_continue(await stream.read())  # inactive: usage untouched
+    await stream.finish()
+    assert extproc_server.counter("extproc.classify_results") == {
+        (("result", "deadline_exceeded"),): 1
+    }
+
+
+async def test_breakpoint_param_is_removed_from_the_path(extproc_server: ServerHarness) -> None:
+    stream = extproc_server.stream()
+    reply = await stream.request_headers(
+        "/v1/chat/completions?x=1&cacheBreakpoint=lastUserMessage", **bearer()
+    )
+    assert set_headers(reply) == {":path": b"/v1/chat/completions?x=1"}
+    await stream.request_body(
+        codec.dumps({"model": MODEL, "messages": [{"role": "user", "content": SYSTEM}]})
+    )
+    await stream.response_headers(200, "application/json")
+    edited = await stream.response_body(JSON_ANSWER, eos=True)
+    assert codec.loads(common(edited).body_mutation.body)["usage"]["cache_creation"] == {
+        "ephemeral_5m_input_tokens": 0,
+        "ephemeral_1h_input_tokens": 8,
+        "ephemeral_24h_input_tokens": 0,
+    }
+    await stream.finish()
+
+
+async def test_bad_breakpoint_param_is_refused_before_the_body(
+    extproc_server: ServerHarness,
+) -> None:
+    stream = extproc_server.stream()
+    reply = await stream.request_headers("/v1/chat/completions?cacheBreakpoint=", **bearer())
+    await stream.finish()
+    assert kind(reply) == "immediate_response"
+    assert reply.immediate_response.status.code == 400
+    assert codec.loads(reply.immediate_response.body)["error"]["param"] == "cacheBreakpoint"
+    assert extproc_server.counter("extproc.marker_rejections") == {
+        (("reason", "invalid_cache_breakpoint"),): 1
     }
 
 

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from extproc.adapters.tokenizers_remote import RemoteTimeouts, RemoteTokenizer
+from extproc.adapters.tokenizers_remote import (
+    BACKOFF_MAX_S,
+    RemoteTimeouts,
+    RemoteTokenizer,
+    RetryBudget,
+    backoff,
+)
 from extproc.core.errors import DependencyError, UnmappedModel
 from extproc.core.model import TokenCounts
 from tests.fakes.tokenizer_service import Faults
@@ -58,8 +66,8 @@ async def test_model_list_is_memoised_for_its_ttl(
 
 
 async def test_outage_is_not_memoised(client, tokenizer_service, tokenizer_alias):
-    tokenizer_service.faults = Faults(status=503)
-    with pytest.raises(DependencyError, match="status 503"):
+    tokenizer_service.faults = Faults(status=500)
+    with pytest.raises(DependencyError, match="status 500"):
         await client.version(tokenizer_alias)
     tokenizer_service.faults = Faults()
     assert await client.version(tokenizer_alias) == tokenizer_service.version(tokenizer_alias)
@@ -203,3 +211,87 @@ async def test_closed_client_degrades(client, tokenizer_alias):
     await client.aclose()
     with pytest.raises(DependencyError, match="RuntimeError"):
         await client.count(tokenizer_alias, ["x"])
+
+
+# ---- 503: retried with backoff, within a shared budget and the classify deadline ----
+
+
+@pytest.fixture
+async def real_clock_client(tokenizer_service) -> AsyncIterator[RemoteTokenizer]:
+    timeouts = RemoteTimeouts(connect=0.5, total=0.5, retry_window=1.5)
+    remote = RemoteTokenizer(tokenizer_service.url, timeouts, rng=random.Random(7))
+    yield remote
+    await remote.aclose()
+
+
+async def test_a_503_is_retried_until_the_service_answers(
+    real_clock_client, tokenizer_service, tokenizer_alias, embedded_tokenizer
+):
+    tokenizer_service.faults = Faults(status=503, status_times=2)
+    counts = await real_clock_client.count(tokenizer_alias, ["hello world"])
+    assert counts == await embedded_tokenizer.count(tokenizer_alias, ["hello world"])
+    assert tokenizer_service.requests["/v1/tokenize"] == 3
+    assert real_clock_client.retries == 2
+
+
+async def test_a_lasting_503_gives_up_inside_the_retry_window(
+    real_clock_client, tokenizer_service, tokenizer_alias
+):
+    tokenizer_service.faults = Faults(status=503)
+    started = time.monotonic()
+    with pytest.raises(DependencyError, match="status 503"):
+        await real_clock_client.count(tokenizer_alias, ["x"])
+    assert time.monotonic() - started < 1.5
+    assert 2 <= real_clock_client.retries <= 6  # 100 ms doubling, jittered, inside 1.5 s
+
+
+@pytest.mark.parametrize("status", [pytest.param(500, id="500"), pytest.param(429, id="429")])
+async def test_other_statuses_are_not_retried(
+    real_clock_client, tokenizer_service, tokenizer_alias, status
+):
+    tokenizer_service.faults = Faults(status=status)
+    with pytest.raises(DependencyError, match=f"status {status}"):
+        await real_clock_client.count(tokenizer_alias, ["x"])
+    assert tokenizer_service.requests["/v1/tokenize"] == 1
+    assert real_clock_client.retries == 0
+
+
+async def test_the_retry_budget_is_shared_by_every_call(tokenizer_service, tokenizer_alias, clock):
+    """The clock stands still: the budget never refills, so ten retries in all, not per call."""
+    timeouts = RemoteTimeouts(connect=0.5, total=0.5, retry_window=60.0)
+    remote = RemoteTokenizer(tokenizer_service.url, timeouts, clock=clock, rng=random.Random(1))
+    tokenizer_service.faults = Faults(status=503)
+    try:
+        calls = [remote.count(tokenizer_alias, ["x"]) for _ in range(4)]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+    finally:
+        await remote.aclose()
+    assert all(isinstance(r, DependencyError) for r in results)
+    assert remote.retries == 10
+    assert tokenizer_service.requests["/v1/tokenize"] == 4 + 10
+
+
+BACKOFFS = [
+    pytest.param(0, 0.05, 0.1, id="first"),
+    pytest.param(1, 0.1, 0.2, id="second"),
+    pytest.param(3, 0.4, 0.8, id="fourth"),
+    pytest.param(5, BACKOFF_MAX_S / 2, BACKOFF_MAX_S, id="capped"),
+    pytest.param(60, BACKOFF_MAX_S / 2, BACKOFF_MAX_S, id="far-past-the-cap"),
+]
+
+
+@pytest.mark.parametrize(("attempt", "low", "high"), BACKOFFS)
+def test_backoff_doubles_from_100ms_to_2s_with_jitter(attempt: int, low: float, high: float):
+    rng = random.Random(3)
+    delays = [backoff(attempt, rng) for _ in range(200)]
+    assert all(low <= d <= high for d in delays)
+    assert max(delays) - min(delays) > (high - low) / 4  # jittered, not constant
+
+
+def test_the_budget_refills_at_its_rate(clock):
+    budget = RetryBudget(rate=10.0, clock=clock)
+    assert sum(budget.take() for _ in range(15)) == 10
+    clock.now += 0.25
+    assert sum(budget.take() for _ in range(5)) == 2
+    clock.now += 60
+    assert sum(budget.take() for _ in range(15)) == 10

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
 
 from extproc.core import codec
-from extproc.core.classify import ClassifyPorts, classify
+from extproc.core.classify import ClassifyPorts, EngineCache, classify
 from extproc.core.errors import DependencyError, UnmappedModel
 from extproc.core.model import (
     CacheEntry,
@@ -19,10 +19,10 @@ from extproc.core.model import (
     Outcome,
     PendingWrite,
     PrincipalId,
+    RequestPolicy,
     Scope,
     Split,
     Tier,
-    TierPolicy,
 )
 from extproc.core.request import Prepared, prepare
 from tests.fakes.ports import Count, FakeIndex, FakeModels, FakePrincipals, FakeTokenizer
@@ -71,7 +71,7 @@ def request(sizes: list[int], marks: dict[int, str | None], model: Any = MODEL) 
             block["cache_control"] = {"type": "ephemeral"} | ({"ttl": ttl} if ttl else {})
         blocks.append(block)
     body = {"model": model, "messages": [{"role": "user", "content": blocks}]}
-    prepared = prepare(codec.dumps(body), TierPolicy())
+    prepared = prepare(codec.dumps(body), RequestPolicy())
     assert prepared is not None
     return prepared
 
@@ -263,10 +263,58 @@ async def test_inactive(world: World, caller: Caller, model: str | None, reason:
     assert world.tokenizer.counts == []
 
 
-async def test_no_markers_is_zero_active(world: World) -> None:
+async def test_no_markers_is_zero_active_and_asks_no_tokenizer(world: World) -> None:
     result = await classify(request([10, 20], {}), CALLER, world.ports)
     assert result == Classification.zero("no_markers", MODEL)
     assert world.index.lookups == []
+    assert world.tokenizer.version_calls == []
+    assert world.tokenizer.counts == []
+
+
+def _prepared(body: dict[str, Any], automatic: bool = False) -> Prepared:
+    prepared = prepare(codec.dumps({"model": MODEL, **body}), RequestPolicy(), automatic)
+    assert prepared is not None
+    return prepared
+
+
+ONE_MESSAGE = {"messages": [{"role": "user", "content": "hello there"}]}
+ENGINE = [
+    pytest.param(_prepared(ONE_MESSAGE), True, id="unmarked"),
+    pytest.param(_prepared({**ONE_MESSAGE, "cache_control": None}), True, id="top-level-null"),
+    pytest.param(
+        _prepared({"messages": [], "cache_control": {"type": "ephemeral"}}),
+        False,
+        id="top-level-marker-without-blocks",
+    ),
+    pytest.param(_prepared({"messages": []}, automatic=True), False, id="query-parameter"),
+]
+
+
+@pytest.mark.parametrize(("req", "engine"), ENGINE)
+async def test_engine_reports_only_for_requests_without_any_marker(
+    world: World, req: Prepared, engine: bool
+) -> None:
+    ports = replace(world.ports, engine_cache=EngineCache.REPORT)
+    result = await classify(req, CALLER, ports)
+    expected = (
+        Classification.engine_read(MODEL) if engine else Classification.zero("no_markers", MODEL)
+    )
+    assert result == expected
+    assert world.tokenizer.version_calls == []
+
+
+async def test_marked_requests_are_accounted_by_the_index_even_with_engine_reports(
+    world: World,
+) -> None:
+    ports = replace(world.ports, engine_cache=EngineCache.REPORT)
+    result = await classify(request([10, 20], {1: "5m"}), CALLER, ports)
+    assert not result.engine
+    assert result.split == Split(creation={Tier.M5: 30})
+
+
+async def test_engine_reports_are_off_by_default(world: World) -> None:
+    result = await classify(_prepared(ONE_MESSAGE), CALLER, world.ports)
+    assert result == Classification.zero("no_markers", MODEL)
 
 
 async def test_unmapped_tokenizer_is_zero_active(world: World) -> None:

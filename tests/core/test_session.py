@@ -20,6 +20,7 @@ from extproc.core.model import (
     PendingWrite,
     PrefixHash,
     PrincipalId,
+    RequestPolicy,
     Scope,
     Split,
     Tier,
@@ -36,6 +37,11 @@ ACTIVE = Classification(
 )  # fmt: skip
 INACTIVE = Classification.inactive("deadline_exceeded")
 USAGE = {"prompt_tokens": 20, "completion_tokens": 2, "total_tokens": 22}
+PROVIDER_USAGE = {
+    **USAGE,
+    "prompt_tokens_details": {"cached_tokens": 16},
+    "prompt_cache_hit_tokens": 16,
+}
 
 
 def body(**fields: Any) -> bytes:
@@ -162,10 +168,16 @@ def test_request_body_forwarded_untouched(raw: bytes, expected: s.Action) -> Non
     assert session.receive(s.RequestBody(raw)) is expected
 
 
-def test_invalid_json_has_no_job_and_no_watched_response() -> None:
+def test_invalid_json_has_no_job_and_no_watched_error_response() -> None:
     session = open_chat(b"{oops")
     assert session.take_job() is None
     assert session.receive(s.ResponseHeaders(400, "application/json")) is s.CONTINUE
+
+
+def test_unreadable_marked_body_is_refused() -> None:
+    session = open_chat(b'{"messages": [{"cache_control": {"type": "ephemeral"}} oops')
+    assert session.rejected is not None
+    assert session.rejected.reason.value == "unreadable_body"
 
 
 def test_markers_are_stripped_and_body_replaced() -> None:
@@ -187,16 +199,16 @@ def test_include_usage_forced_on_streams() -> None:
 
 
 REJECTED = [
-    pytest.param({"type": "persistent"}, "unsupported_type", id="unsupported-type"),
-    pytest.param({"type": "ephemeral", "ttl": "2h"}, "invalid_ttl", id="invalid-ttl"),
-    pytest.param("yes", "malformed_cache_control", id="malformed"),
-    pytest.param({"type": "ephemeral", "ttl": "24h"}, "tier_disabled", id="tier-disabled"),
+    pytest.param({"type": "persistent"}, "unsupported cache_control type", id="unsupported-type"),
+    pytest.param({"type": "ephemeral", "ttl": "2h"}, "invalid cache_control ttl", id="bad-ttl"),
+    pytest.param("yes", "cache_control must be an object", id="malformed"),
+    pytest.param({"type": "ephemeral", "ttl": "24h"}, "cache_control ttl tier", id="disabled"),
 ]
 
 
-@pytest.mark.parametrize(("marker", "reason"), REJECTED)
-def test_bad_markers_get_the_400_envelope(marker: object, reason: str) -> None:
-    session = new_session(tiers=TierPolicy(frozenset({Tier.M5, Tier.H1})))
+@pytest.mark.parametrize(("marker", "message"), REJECTED)
+def test_bad_markers_get_the_400_envelope(marker: object, message: str) -> None:
+    session = new_session(request=RequestPolicy(TierPolicy(frozenset({Tier.M5, Tier.H1}))))
     session.receive(s.RequestHeaders(CHAT, "POST", AUTH))
     block = {"type": "text", "text": "x", "cache_control": marker}
     step = session.receive(s.RequestBody(body(messages=[{"role": "user", "content": [block]}])))
@@ -205,7 +217,8 @@ def test_bad_markers_get_the_400_envelope(marker: object, reason: str) -> None:
     error = codec.loads(step.body)["error"]
     assert error["code"] == "invalid_cache_control"
     assert error["type"] == "invalid_request_error"
-    assert error["message"].startswith(reason)
+    assert error["param"] == "cache_control"
+    assert error["message"].startswith(message)
     assert session.take_job() is None
     with pytest.raises(SessionStateError):
         session.receive(s.ResponseHeaders(200, "application/json"))
@@ -219,10 +232,64 @@ def test_oversized_body_is_rejected() -> None:
     assert codec.loads(step.body)["error"]["code"] == "body_read_failed"
 
 
-def test_without_bearer_there_is_nothing_to_classify() -> None:
+def test_without_bearer_the_answer_is_only_scrubbed() -> None:
     session = open_chat(headers={})
     assert session.take_job() is None
+    assert session.receive(s.ResponseHeaders(200, "application/json")) == s.WatchResponse(
+        s.ResponseMode.BUFFERED
+    )
+    scrubbed = session.receive(s.ResponseBody(json_response(usage=PROVIDER_USAGE), True))
+    assert isinstance(scrubbed, s.ReplaceBody)
+    assert codec.loads(scrubbed.body)["usage"] == {
+        **USAGE,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
+    assert session.pending_commit is None
+
+
+def test_without_bearer_and_without_scrubbing_the_answer_is_not_watched() -> None:
+    session = new_session(scrub=False)
+    session.receive(s.RequestHeaders(CHAT, "POST", {}))
+    session.receive(s.RequestBody(MARKED))
     assert session.receive(s.ResponseHeaders(200, "application/json")) is s.CONTINUE
+
+
+PARAM_PATHS = [
+    pytest.param(CHAT + "?cacheBreakpoint=lastUserMessage", CHAT, id="only-param"),
+    pytest.param(CHAT + "?a=1&cacheBreakpoint=lastUserMessage&b=2", CHAT + "?a=1&b=2", id="kept"),
+    pytest.param(
+        CHAT + "?cacheBreakpoint=lastUserMessage&cacheBreakpoint=x", CHAT, id="first-decides"
+    ),
+]
+
+
+@pytest.mark.parametrize(("path", "forwarded"), PARAM_PATHS)
+def test_breakpoint_param_is_removed_and_places_the_automatic_breakpoint(
+    path: str, forwarded: str
+) -> None:
+    session = new_session()
+    assert session.receive(s.RequestHeaders(path, "POST", AUTH)) == s.RewritePath(forwarded)
+    session.receive(s.RequestBody(body()))
+    assert session.prepared is not None
+    assert [(p.block, p.tier, p.automatic) for p in session.prepared.breakpoints] == [
+        (0, Tier.H1, True)
+    ]
+
+
+def test_bad_breakpoint_param_is_refused_on_request_headers() -> None:
+    session = new_session()
+    step = session.receive(s.RequestHeaders(CHAT + "?cacheBreakpoint=LastUserMessage", "POST"))
+    assert isinstance(step, s.Reject)
+    error = codec.loads(step.body)["error"]
+    assert error == {
+        "message": 'invalid cacheBreakpoint value "LastUserMessage"; supported values: '
+        '"lastUserMessage"',
+        "type": "invalid_request_error",
+        "code": "invalid_cache_breakpoint",
+        "param": "cacheBreakpoint",
+    }
+    with pytest.raises(SessionStateError):
+        session.receive(s.RequestBody(body()))
 
 
 # ---- JSON responses ----
@@ -252,6 +319,38 @@ def test_json_inactive_leaves_body_untouched_and_commits_nothing() -> None:
     session.receive(s.ResponseHeaders(200, "application/json"))
     session.receive(s.ResponseBody(json_response(), True))
     assert session.resolve(INACTIVE) is s.CONTINUE
+    assert session.pending_commit is None
+
+
+def test_json_inactive_loses_provider_cache_fields() -> None:
+    session = open_chat()
+    session.receive(s.ResponseHeaders(200, "application/json"))
+    session.receive(s.ResponseBody(json_response(usage=PROVIDER_USAGE), True))
+    step = session.resolve(INACTIVE)
+    assert isinstance(step, s.ReplaceBody)
+    usage = codec.loads(step.body)["usage"]
+    assert "prompt_cache_hit_tokens" not in usage
+    assert usage["prompt_tokens_details"] == {"cached_tokens": 0}
+
+
+def test_json_active_replaces_provider_cache_fields() -> None:
+    session = open_chat()
+    session.receive(s.ResponseHeaders(200, "application/json"))
+    session.receive(s.ResponseBody(json_response(usage=PROVIDER_USAGE), True))
+    step = session.resolve(ACTIVE)
+    assert isinstance(step, s.ReplaceBody)
+    usage = codec.loads(step.body)["usage"]
+    assert "prompt_cache_hit_tokens" not in usage
+    assert usage["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert usage["cache_creation_input_tokens"] == 12
+
+
+def test_known_inactive_is_watched_for_scrubbing() -> None:
+    session = open_chat()
+    session.offer(INACTIVE)
+    step = session.receive(s.ResponseHeaders(200, "application/json"))
+    assert step == s.WatchResponse(s.ResponseMode.BUFFERED)
+    assert session.receive(s.ResponseBody(json_response(), True)) is s.CONTINUE
     assert session.pending_commit is None
 
 
@@ -411,7 +510,9 @@ def test_json_offered_classification_is_used_without_asking() -> None:
 
 
 def test_known_inactive_classification_leaves_the_response_unwatched() -> None:
-    session = open_chat()
+    session = new_session(scrub=False)
+    session.receive(s.RequestHeaders(CHAT, "POST", AUTH))
+    session.receive(s.RequestBody(MARKED))
     session.offer(INACTIVE)
     assert session.receive(s.ResponseHeaders(200, "application/json")) is s.CONTINUE
     assert not session.is_awaiting_response
@@ -607,7 +708,7 @@ def test_every_legal_sequence_is_accepted(data: st.DataObject) -> None:
         assert session.pending_commit is None
         return
     assert session.verdict is not None
-    assert (session.pending_commit is not None) == (classification is ACTIVE)
+    assert (session.pending_commit is not None) == (classification is ACTIVE and session.has_job)
     if classification is INACTIVE:
         assert out == raw
 
@@ -637,3 +738,52 @@ def test_any_sequence_is_accepted_or_rejected_cleanly(events: list[s.Event]) -> 
             _answer(session, event, ACTIVE)
         except SessionStateError:
             return
+
+
+# ---- continuous usage stats: usage on every chunk ----
+
+
+def _usage_chunk(choices: list[Any], **usage: Any) -> bytes:
+    return codec.dumps({"choices": choices, "usage": {**USAGE, **usage}})
+
+
+ROLE_CHUNK = _usage_chunk([{"delta": {"role": "assistant"}}], prompt_cache_hit_tokens=9)
+TOKEN_CHUNK = _usage_chunk([{"delta": {"content": "hi"}, "finish_reason": None}])
+FINISH_CHUNK = _usage_chunk([{"delta": {}, "finish_reason": "stop"}])
+LAST_CHUNK = _usage_chunk([], prompt_tokens_details={"cached_tokens": 7})
+
+
+def _frames_usage(data: bytes) -> list[dict[str, Any]]:
+    found = []
+    for frame in data.split(b"\n\n"):
+        if frame.startswith(b"data: {"):
+            found.append(codec.loads(frame[6:])["usage"])
+    return found
+
+
+def test_continuous_usage_frames_never_wait_and_the_first_final_one_joins() -> None:
+    session = open_chat()
+    session.receive(s.ResponseHeaders(200, "text/event-stream"))
+    early = session.receive(s.ResponseBody(sse(ROLE_CHUNK, TOKEN_CHUNK)))
+    assert isinstance(early, s.EmitChunk)  # the role chunk lost its provider field
+    assert [u.get("cache_read_input_tokens") for u in _frames_usage(early.data)] == [None, None]
+    assert "prompt_cache_hit_tokens" not in _frames_usage(early.data)[0]
+    assert session.receive(s.ResponseBody(sse(FINISH_CHUNK))) is s.NEED_CLASSIFICATION
+    joined = session.resolve(ACTIVE)
+    assert isinstance(joined, s.EmitChunk)
+    assert _frames_usage(joined.data)[0]["cache_creation_input_tokens"] == 12
+    last = session.receive(s.ResponseBody(sse(LAST_CHUNK, b"[DONE]"), True))
+    assert isinstance(last, s.EmitChunk)
+    final = _frames_usage(last.data)[0]
+    assert final["cache_creation_input_tokens"] == 12
+    assert final["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert session.pending_commit == PENDING
+
+
+def test_usage_frames_after_an_early_classification_get_the_split_at_once() -> None:
+    session = open_chat()
+    session.offer(ACTIVE)
+    session.receive(s.ResponseHeaders(200, "text/event-stream"))
+    step = session.receive(s.ResponseBody(sse(ROLE_CHUNK, TOKEN_CHUNK, FINISH_CHUNK)))
+    assert isinstance(step, s.EmitChunk)
+    assert [u["cache_creation_input_tokens"] for u in _frames_usage(step.data)] == [12, 12, 12]

@@ -26,7 +26,13 @@ from extproc.commands.dev import (
 )
 from extproc.core import codec
 from extproc.devstack import free_port, is_reachable_by, pg_data_dir
-from extproc.quickstart import curl_command, example_body, stream_usage, usage_problems
+from extproc.quickstart import (
+    curl_command,
+    example_body,
+    forged_problems,
+    stream_usage,
+    usage_problems,
+)
 from extproc.upstream import UpstreamSettings, bound_port, load_counter, start_upstream
 
 STACK_TIMEOUT_S = 240
@@ -261,3 +267,17 @@ def test_stream_usage(text: str, usage: dict[str, int] | None) -> None:
 )
 def test_database_password_is_never_printed(url: str, shown: str) -> None:
     assert redact_password(url) == shown
+
+
+@pytest.mark.parametrize(
+    ("usage", "problems"),
+    [
+        pytest.param({"cache_read_input_tokens": 0, "cache_creation_input_tokens": 90}, 0,
+                     id="own-write"),
+        pytest.param({"cache_read_input_tokens": 90, "cache_creation_input_tokens": 0}, 1,
+                     id="read-the-victims-cache"),
+        pytest.param({}, 1, id="inactive"),
+    ],
+)  # fmt: skip
+def test_forged_problems(usage: dict[str, Any], problems: int) -> None:
+    assert len(forged_problems(usage)) == problems

@@ -117,6 +117,7 @@ def test_envoy_bootstrap_is_rendered_from_the_settings(settings_data: dict[str, 
         extproc_address=f"127.0.0.1:{settings.listen.rpartition(':')[2]}",
         max_body_bytes=settings.max_body_bytes,
         classify_deadline_ms=settings.classify_deadline_ms,
+        principal_header=settings.principal_source.stripped_header,
     )
     text = _one("ConfigMap", "extproc-envoy")["data"]["envoy.yaml"]
     assert text == render(options), "envoy-configmap.yaml drifted: re-render it"

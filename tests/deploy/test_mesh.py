@@ -12,22 +12,27 @@ import httpx
 import pytest
 import yaml
 
+from extproc.config import Settings, reply_budget_ms
 from extproc.devstack import free_port
 from extproc.envoyconf import EnvoyOptions, render, template_text
+from extproc.principals import DEFAULT_PRINCIPAL_HEADER
+from extproc.stripping import stripping_of
 from extproc.upstream import UpstreamSettings, bound_port, start_upstream
 from tests.deploy.manifests import (
+    EXT_PROC,
+    GATEWAY,
+    ISTIO,
     ROOT,
+    as_istio_sidecar,
     endpoint,
     envoy_binary,
     envoy_validate,
     ext_proc_filter,
+    gateway_documents,
+    istio_patches,
     load_all,
     named,
 )
-
-ISTIO = ROOT / "deploy" / "istio" / "envoyfilter.yaml"
-GATEWAY = ROOT / "deploy" / "envoy-gateway" / "extension-policy.yaml"
-EXT_PROC = "envoy.filters.http.ext_proc"
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +40,7 @@ def patches() -> dict[str, dict[str, Any]]:
     (envoy_filter,) = load_all(ISTIO)
     assert envoy_filter["apiVersion"] == "networking.istio.io/v1alpha3"
     assert envoy_filter["kind"] == "EnvoyFilter"
-    return {p["applyTo"]: p for p in envoy_filter["spec"]["configPatches"]}
+    return istio_patches()
 
 
 @pytest.fixture(scope="module")
@@ -94,29 +99,29 @@ def test_inbound_buffer_limit_is_the_body_limit(
     )
 
 
-def _patched_bootstrap(
-    patches: dict[str, dict[str, Any]], options: EnvoyOptions, extproc_port: int | None = None
-) -> dict[str, Any]:
-    """The rendered bootstrap with its ext_proc filter and cluster replaced by Istio's patches."""
+def test_principal_header_is_removed_where_ext_proc_runs(
+    patches: dict[str, dict[str, Any]],
+) -> None:
+    strip, ext_proc = patches["NETWORK_FILTER"], patches["HTTP_FILTER"]
+    assert strip["match"]["context"] == ext_proc["match"]["context"] == "SIDECAR_INBOUND"
+    port = ext_proc["match"]["listener"]["portNumber"]
+    assert strip["match"]["listener"]["portNumber"] == port
+    chain = strip["match"]["listener"]["filterChain"]["filter"]
+    assert chain == {"name": "envoy.filters.network.http_connection_manager"}
+    assert strip["patch"]["operation"] == "MERGE"
+    assert stripping_of(load_all(ISTIO)).removed == {DEFAULT_PRINCIPAL_HEADER}
+
+
+def _patched_bootstrap(options: EnvoyOptions) -> dict[str, Any]:
+    """The rendered bootstrap as the EnvoyFilter makes a sidecar's inbound listener."""
     config: dict[str, Any] = yaml.safe_load(render(options))
-    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-    filters = hcm["typed_config"]["http_filters"]
-    filters[:] = [copy.deepcopy(patches["HTTP_FILTER"]["patch"]["value"]), filters[-1]]
-    hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"] = [
-        {"name": "all", "match": {"prefix": "/"}, "route": {"cluster": "llm"}}
-    ]
-    cluster = copy.deepcopy(patches["CLUSTER"]["patch"]["value"])
-    if extproc_port is not None:
-        endpoint(cluster)["socket_address"]["port_value"] = extproc_port
-    clusters = config["static_resources"]["clusters"]
-    clusters[:] = [c for c in clusters if c["name"] != "ext_proc"] + [cluster]
+    as_istio_sidecar(config)
     return config
 
 
-def test_patches_make_a_valid_envoy_config(
-    patches: dict[str, dict[str, Any]], tmp_path: Path
-) -> None:
-    config = _patched_bootstrap(patches, EnvoyOptions())
+def test_patches_make_a_valid_envoy_config(tmp_path: Path) -> None:
+    config = _patched_bootstrap(EnvoyOptions())
+    assert stripping_of([config]).removed == {DEFAULT_PRINCIPAL_HEADER}
     assert envoy_validate(yaml.safe_dump(config, sort_keys=False), tmp_path) == ""
 
 
@@ -152,7 +157,6 @@ async def _wait_ready(admin: str, process: asyncio.subprocess.Process) -> None:
     ],
 )
 async def test_matcher_sends_only_chat_completions_to_ext_proc(
-    patches: dict[str, dict[str, Any]],
     upstream_url: str,
     tmp_path: Path,
     method: str,
@@ -162,10 +166,14 @@ async def test_matcher_sends_only_chat_completions_to_ext_proc(
     # ext_proc points at a closed port and fails closed: a 503 proves the filter ran.
     port, admin = free_port(), free_port()
     options = EnvoyOptions(
-        listen_host="127.0.0.1", listen_port=port, admin_port=admin, upstream_url=upstream_url
+        listen_host="127.0.0.1",
+        listen_port=port,
+        admin_port=admin,
+        upstream_url=upstream_url,
+        extproc_address=f"127.0.0.1:{free_port()}",
     )
     config = tmp_path / "envoy.yaml"
-    bootstrap = _patched_bootstrap(patches, options, extproc_port=free_port())
+    bootstrap = _patched_bootstrap(options)
     config.write_text(yaml.safe_dump(bootstrap))
     argv = [str(config), "--disable-hot-restart", "--log-level", "error"]
     process = await asyncio.create_subprocess_exec(
@@ -186,7 +194,18 @@ async def test_matcher_sends_only_chat_completions_to_ext_proc(
 
 @pytest.fixture(scope="module")
 def gateway() -> dict[str, dict[str, Any]]:
-    return {doc["kind"]: doc for doc in load_all(GATEWAY)}
+    return gateway_documents()
+
+
+def test_gateway_removes_the_principal_header_before_every_filter(
+    gateway: dict[str, dict[str, Any]],
+) -> None:
+    policy = gateway["ClientTrafficPolicy"]
+    assert policy["apiVersion"] == "gateway.envoyproxy.io/v1alpha1"
+    (target,) = policy["spec"]["targetRefs"]
+    (parent,) = gateway["HTTPRoute"]["spec"]["parentRefs"]
+    assert (target["kind"], target["name"]) == ("Gateway", parent["name"])
+    assert stripping_of(load_all(GATEWAY)).removed == {DEFAULT_PRINCIPAL_HEADER}
 
 
 def test_policy_attaches_to_the_chat_route(gateway: dict[str, dict[str, Any]]) -> None:
@@ -213,7 +232,21 @@ def test_policy_processing_matches_the_server(
     assert mode["response"] == {}, "response headers sent, body mode left to the server"
     assert mode["allowModeOverride"] is reference["allow_mode_override"] is True
     assert ext_proc["failOpen"] is reference["failure_mode_allow"] is False
-    assert ext_proc["messageTimeout"] == reference["message_timeout"]
+
+
+def test_policy_timeout_holds_the_whole_classify_deadline(
+    gateway: dict[str, dict[str, Any]],
+) -> None:
+    """The policy cannot allow timer extensions: the server must know, and still fit."""
+    (ext_proc,) = gateway["EnvoyExtensionPolicy"]["spec"]["extProc"]
+    (container,) = gateway["Deployment"]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    assert env["EXTPROC_ENVOY_MAX_MESSAGE_TIMEOUT_MS"] == "0"
+    timeout_ms = int(float(ext_proc["messageTimeout"].removesuffix("s")) * 1000)
+    assert env["EXTPROC_ENVOY_MESSAGE_TIMEOUT_MS"] == str(timeout_ms)
+    shared = load_all(ROOT / "deploy" / "kubernetes" / "settings-configmap.yaml")[0]["data"]
+    settings = Settings.from_env({**shared, **env, "EXTPROC_DATABASE_URL": "postgresql://x@db/x"})
+    assert settings.classify_deadline_ms <= reply_budget_ms(settings.envoy_message_timeout_ms)
 
 
 def test_policy_backend_is_the_extproc_service(gateway: dict[str, dict[str, Any]]) -> None:

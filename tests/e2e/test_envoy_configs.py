@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from extproc.config import Settings
 from extproc.envoyconf import (
     EnvoyConfError,
     EnvoyOptions,
@@ -36,6 +37,7 @@ RENDERED = [
     pytest.param(EnvoyOptions(upstream_url="https://api.example.com"), id="tls-named-upstream"),
     pytest.param(EnvoyOptions(upstream_url="http://vllm:8000"), id="named-upstream"),
     pytest.param(EnvoyOptions(max_body_bytes=64 << 20, classify_deadline_ms=5000), id="big-limits"),
+    pytest.param(EnvoyOptions(principal_header="X-Tenant~Id"), id="principal-header"),
 ]
 
 
@@ -114,7 +116,27 @@ def test_rendered_limits_follow_the_body_limit() -> None:
     ]
     assert listener["per_connection_buffer_limit_bytes"] == 300_000
     assert limits == [300_000, 300_000]
-    assert _ext_proc(config)["message_timeout"] == "5.500s"
+    assert _ext_proc(config)["message_timeout"] == "2s"
+    assert _ext_proc(config)["max_message_timeout"] == "30s"
+
+
+@pytest.mark.parametrize(
+    ("options", "timeout", "ceiling"),
+    [
+        pytest.param(EnvoyOptions(), "2s", "30s", id="defaults"),
+        pytest.param(EnvoyOptions(message_timeout_ms=500), "0.500s", "30s", id="short-timeout"),
+        pytest.param(EnvoyOptions(classify_deadline_ms=40_000), "2s", "41s", id="long-deadline"),
+    ],
+)
+def test_rendered_message_timeouts_let_the_server_extend_its_replies(
+    options: EnvoyOptions, timeout: str, ceiling: str
+) -> None:
+    ext_proc = _ext_proc(yaml.safe_load(render(options)))
+    assert (ext_proc["message_timeout"], ext_proc["max_message_timeout"]) == (timeout, ceiling)
+    env = options.server_env()
+    server = Settings.from_env({**env, "EXTPROC_DATABASE_URL": "postgresql://x@db/x"})
+    assert server.envoy_message_timeout_ms == options.message_timeout_ms
+    assert server.envoy_max_message_timeout_ms == options.max_message_timeout_ms
 
 
 @pytest.mark.parametrize(
@@ -124,11 +146,47 @@ def test_rendered_limits_follow_the_body_limit() -> None:
         pytest.param(EnvoyOptions(upstream_url="http://x/v1"), id="upstream-with-path"),
         pytest.param(EnvoyOptions(extproc_address="localhost"), id="extproc-without-port"),
         pytest.param(EnvoyOptions(extproc_address="unix:"), id="empty-unix-path"),
+        pytest.param(EnvoyOptions(principal_header="x tenant"), id="principal-header-not-a-name"),
+        pytest.param(EnvoyOptions(principal_header="authorization"), id="principal-header-unsafe"),
     ],
 )
 def test_render_refuses_what_envoy_cannot_express(options: EnvoyOptions) -> None:
     with pytest.raises(EnvoyConfError):
         render(options)
+
+
+def _early_removals(config: dict[str, Any]) -> list[dict[str, Any]]:
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    (early,) = hcm["typed_config"]["early_header_mutation_extensions"]
+    mutations: list[dict[str, Any]] = early["typed_config"]["mutations"]
+    return mutations
+
+
+@pytest.mark.parametrize(
+    ("options", "removed"),
+    [
+        pytest.param(EnvoyOptions(), "x-extproc-principal", id="default"),
+        pytest.param(EnvoyOptions(principal_header=" X-Tenant~Id "), "x-tenant~id", id="chosen"),
+    ],
+)
+def test_render_strips_the_principal_header_it_is_given(
+    options: EnvoyOptions, removed: str
+) -> None:
+    assert _early_removals(yaml.safe_load(render(options))) == [{"remove": removed}]
+
+
+def _render_command(*args: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "extproc.envoyconf", "render", *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_render_command_takes_the_principal_header() -> None:
+    done = _render_command("--principal-header", "x-org")
+    assert done.returncode == 0, done.stderr
+    assert _early_removals(yaml.safe_load(done.stdout)) == [{"remove": "x-org"}]
+    refused = _render_command("--principal-header", "host")
+    assert refused.returncode == 2
+    assert "principal header: 'host' cannot carry the principal" in refused.stderr
 
 
 OVERRIDES = [

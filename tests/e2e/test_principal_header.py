@@ -1,14 +1,25 @@
-"""A trusted principal header: Envoy drops the client's copy, only the auth filter's counts."""
+"""A trusted principal header: every shipped Envoy drops the client's copy, only the auth's counts.
+
+One server trusts ``x-extproc-principal``; in front of it run, side by side, the shipped
+bootstrap, the Istio EnvoyFilter applied to a sidecar's inbound listener and the Envoy Gateway
+policies applied to a gateway listener, each with a Lua filter standing in for the
+authentication filter that sets the header.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from extproc.principals import parse_principal_source
+from tests.deploy.manifests import as_gateway_listener, as_istio_sidecar, hcm_of
 from tests.e2e.chat import cached_request, send, usage_of, wait_for_read
-from tests.plugins.stack import Stack, StackSettings
+from tests.plugins.stack import Stack, StackSettings, launch_envoy
 
 pytestmark = pytest.mark.e2e
 
@@ -20,80 +31,113 @@ function envoy_on_request(handle)
   if auth ~= nil and string.sub(auth, 1, 12) == "Bearer good-" then
     local tenant = string.match(string.sub(auth, 13), "^([a-z0-9]+)-")
     if tenant ~= nil then
-      handle:headers():replace("x-extproc-principal", "tenant-" .. tenant)
+      handle:headers():replace("@HEADER@", "tenant-" .. tenant)
     end
   end
 end
 """
 
 
-def _insert_auth_filter(config: dict[str, Any]) -> None:
-    listener = config["static_resources"]["listeners"][0]
-    filters = listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
-    lua = {
-        "name": "envoy.filters.http.lua",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
-            "default_source_code": {"inline_string": AUTH_LUA},
-        },
-    }
-    filters.insert(0, lua)
+def auth_filter(header: str) -> Callable[[dict[str, Any]], None]:
+    """A patch putting the stand-in authentication filter, setting ``header``, first."""
+
+    def insert(config: dict[str, Any]) -> None:
+        lua = {
+            "name": "envoy.filters.http.lua",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+                "default_source_code": {"inline_string": AUTH_LUA.replace("@HEADER@", header)},
+            },
+        }
+        hcm_of(config)["http_filters"].insert(0, lua)
+
+    return insert
 
 
 # This module also runs Envoy -> server over a Unix socket (the others use loopback TCP).
 STACK = StackSettings(
-    principal_source=f"header:{HEADER}", envoy_patch=_insert_auth_filter, unix_socket=True
+    principal_source=f"header:{HEADER}", envoy_patch=auth_filter(HEADER), unix_socket=True
 )
+DEPLOYMENTS = {"istio": as_istio_sidecar, "envoy-gateway": as_gateway_listener}
 
 
-def _tenant() -> str:
+@pytest.fixture(scope="module", params=["bootstrap", *DEPLOYMENTS])
+def front(
+    request: pytest.FixtureRequest, stack: Stack, tmp_path_factory: pytest.TempPathFactory
+) -> Stack:
+    """The stack seen through one shipped deployment's Envoy."""
+    if request.param == "bootstrap":
+        return stack
+    stack.require_local()
+    workdir: Path = tmp_path_factory.mktemp(request.param)
+    patches = (DEPLOYMENTS[request.param], auth_filter(HEADER))
+    url, _ = launch_envoy(stack, STACK, workdir, patches, name=f"envoy-{request.param}")
+    return dataclasses.replace(stack, url=url)
+
+
+def tenant() -> str:
     return secrets.token_hex(4)
 
 
-def _key(tenant: str) -> str:
-    return f"good-{tenant}-{secrets.token_hex(6)}"
+def key(of: str) -> str:
+    return f"good-{of}-{secrets.token_hex(6)}"
 
 
-def _written(stack: Stack, key: str) -> dict[str, Any]:
+def written(stack: Stack, bearer: str) -> dict[str, Any]:
     body = cached_request()
-    send(stack, body, key)
-    return wait_for_read(stack, body, key)
+    send(stack, body, bearer)
+    return wait_for_read(stack, body, bearer)
 
 
-def test_keys_of_one_tenant_share_its_entries(stack: Stack) -> None:
-    tenant = _tenant()
-    first = _written(stack, _key(tenant))
+def forged(stack: Stack, bearer: str, victim: str, header: str | None = None) -> dict[str, Any]:
+    """The usage of a request whose client itself names ``victim``'s principal in ``header``.
 
-    usage = usage_of(send(stack, cached_request(), _key(tenant)), streamed=False)
-
-    assert usage["cache_read_input_tokens"] == first["cache_read_input_tokens"] > 0
-
-
-def _forged(stack: Stack, key: str, victim: str) -> dict[str, Any]:
+    ``header`` is by default the one the server trusts.
+    """
+    header = header or parse_principal_source(stack.principal_source).stripped_header
     with stack.client() as client:
         response = client.post(
             "/v1/chat/completions",
             json=cached_request(),
-            headers={"authorization": f"Bearer {key}", HEADER: f"tenant-{victim}"},
+            # Mixed case on the wire: header names are case-insensitive, and so is the removal.
+            headers={"authorization": f"Bearer {bearer}", header.title(): f"tenant-{victim}"},
         )
     assert response.status_code == 200
     return dict(response.json()["usage"])
 
 
-def test_a_client_supplied_principal_header_is_dropped(stack: Stack) -> None:
-    victim = _tenant()
-    _written(stack, _key(victim))
+def check_keys_of_one_tenant_share_its_entries(stack: Stack) -> None:
+    owner = tenant()
+    first = written(stack, key(owner))
 
-    usage = _forged(stack, f"bad-{secrets.token_hex(6)}", victim)
+    usage = usage_of(send(stack, cached_request(), key(owner)), streamed=False)
+
+    assert usage["cache_read_input_tokens"] == first["cache_read_input_tokens"] > 0
+
+
+def check_forged_header_names_no_one(stack: Stack, header: str | None = None) -> None:
+    """A request without a known key, naming a victim in ``header``, gets no principal at all."""
+    victim = tenant()
+    written(stack, key(victim))
+
+    usage = forged(stack, f"bad-{secrets.token_hex(6)}", victim, header)
 
     assert "cache_read_input_tokens" not in usage  # no principal at all: left untouched
 
 
-def test_the_auth_filter_wins_over_a_forged_header(stack: Stack) -> None:
-    victim = _tenant()
-    _written(stack, _key(victim))
+def test_keys_of_one_tenant_share_its_entries(front: Stack) -> None:
+    check_keys_of_one_tenant_share_its_entries(front)
 
-    usage = _forged(stack, _key(_tenant()), victim)
+
+def test_a_client_supplied_principal_header_is_dropped(front: Stack) -> None:
+    check_forged_header_names_no_one(front)
+
+
+def test_the_auth_filter_wins_over_a_forged_header(front: Stack) -> None:
+    victim = tenant()
+    written(front, key(victim))
+
+    usage = forged(front, key(tenant()), victim)
 
     assert usage["cache_read_input_tokens"] == 0
     assert usage["cache_creation_input_tokens"] > 0

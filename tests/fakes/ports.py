@@ -113,8 +113,10 @@ class FakeTokenizer:
     reported_version: str | None = None
     drop_counts: int = 0
     counts: list[Count] = field(default_factory=list)
+    version_calls: list[str] = field(default_factory=list)
 
     async def version(self, alias: str) -> str | None:
+        self.version_calls.append(alias)
         _raise(self.error)
         return self.versions.get(alias)
 

@@ -40,6 +40,7 @@ class Faults:
 
     delay: float = 0.0  # seconds to wait before answering
     status: int | None = None  # answer this status with an error body instead
+    status_times: int | None = None  # only the next N requests get ``status`` (None: all)
     malformed: bool = False  # answer 200 with a body that is not JSON
     reset: bool = False  # drop the connection with a TCP reset, no answer
     wrong_counts: bool = False  # answer one count fewer than segments
@@ -106,7 +107,9 @@ class FakeTokenizerService:
         if self.faults.reset:
             reset_connection(request)
             return web.Response(status=500)
-        if self.faults.status is not None:
+        if self.faults.status is not None and self.faults.status_times != 0:
+            if self.faults.status_times is not None:
+                self.faults.status_times -= 1
             return web.json_response({"error": "injected"}, status=self.faults.status)
         if self.faults.malformed:
             return web.Response(body=b'{"models": [', content_type="application/json")

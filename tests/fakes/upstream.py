@@ -62,6 +62,11 @@ class Answer:
     sse_content_length: bool = False  # an SSE answer with content-length instead of chunked
     raw: str | None = None  # send this body verbatim (cut by ``split``) instead of a completion
     content_type: str | None = None  # override the content type
+    # The engine's own prefix-cache hits, as vLLM reports them: prompt_tokens_details.cached_tokens
+    # (on the final usage only).
+    engine_cached: int | None = None
+    # Cache fields other providers write into usage (DeepSeek's, Anthropic's names).
+    provider_fields: bool = False
 
     def encode(self) -> str:
         """The header value asking for this answer."""
@@ -84,6 +89,7 @@ class Record:
     headers: dict[str, str]
     body: bytes
     sent: list[bytes] = field(default_factory=list)
+    target: str = ""  # the request target (path and query) exactly as received
     finished: bool = False  # the whole answer was written
     aborted: bool = False  # the client went away or the fake reset the connection
 
@@ -97,6 +103,7 @@ class Record:
             "sent": [_b64(c) for c in self.sent],
             "finished": self.finished,
             "aborted": self.aborted,
+            "target": self.target,
         }
 
     @classmethod
@@ -110,6 +117,7 @@ class Record:
             sent=[base64.b64decode(c) for c in data["sent"]],
             finished=data["finished"],
             aborted=data["aborted"],
+            target=data.get("target", ""),
         )
 
     def json(self) -> Any:
@@ -140,27 +148,54 @@ def chat_completion(model: str, answer: Answer) -> dict[str, Any]:
     return body
 
 
-def usage(answer: Answer) -> dict[str, Any]:
-    total = answer.prompt_tokens + answer.completion_tokens
-    return {
+def usage(
+    answer: Answer, completion_tokens: int | None = None, final: bool = True
+) -> dict[str, Any]:
+    """The usage object; ``final`` adds what engines send on the last usage only."""
+    completion = answer.completion_tokens if completion_tokens is None else completion_tokens
+    out: dict[str, Any] = {
         "prompt_tokens": answer.prompt_tokens,
-        "completion_tokens": answer.completion_tokens,
-        "total_tokens": total,
+        "completion_tokens": completion,
+        "total_tokens": answer.prompt_tokens + completion,
     }
+    if final and answer.engine_cached is not None:
+        out["prompt_tokens_details"] = {"cached_tokens": answer.engine_cached}
+    if answer.provider_fields:
+        out |= {
+            "prompt_cache_hit_tokens": 11,
+            "prompt_cache_miss_tokens": answer.prompt_tokens - 11,
+            "cache_read_input_tokens": 11,
+            "cache_creation_input_tokens": 0,
+        }
+    return out
 
 
-def sse_events(model: str, answer: Answer, include_usage: bool) -> list[bytes]:
-    """The stream's events, each with its terminating blank line."""
+def sse_events(
+    model: str, answer: Answer, include_usage: bool, continuous: bool = False
+) -> list[bytes]:
+    """The stream's events, each with its terminating blank line.
+
+    ``continuous`` is vLLM's ``continuous_usage_stats``: usage on every chunk as well.
+    """
     nl = "\r\n" if answer.crlf else "\n"
-    events = [_data(_chunk(model, {"role": "assistant", "content": ""}, None), nl)]
+    sent = 0
+
+    def chunk(delta: dict[str, Any], finish: str | None) -> bytes:
+        value = _chunk(model, delta, finish)
+        if continuous and include_usage and answer.usage:
+            value["usage"] = usage(answer, sent, final=False)
+        return _data(value, nl)
+
+    events = [chunk({"role": "assistant", "content": ""}, None)]
     if answer.comment:
         events.append(f": keep-alive{nl}{nl}".encode())
     for word in _words(answer.content):
-        events.append(_data(_chunk(model, {"content": word}, None), nl))
+        sent += 1
+        events.append(chunk({"content": word}, None))
     if answer.error_frame:
         error = {"error": {"message": "upstream failed mid-stream", "type": "server_error"}}
         events.append(_data(error, nl))
-    events.append(_data(_chunk(model, {}, "stop"), nl))
+    events.append(chunk({}, "stop"))
     if include_usage and answer.usage:
         final = {**_chunk(model, None, None), "choices": [], "usage": usage(answer)}
         events.append(_data(final, nl))
@@ -293,6 +328,7 @@ class FakeUpstream:
         body = await request.read()
         headers = {str(k).lower(): str(v) for k, v in request.headers.items()}
         record = Record(answer.tag, request.method, request.path, headers, body)
+        record.target = request.raw_path
         self.records.append(record)
         if not request.path.endswith("/chat/completions") or answer.raw is not None:
             return await self._send_raw(request, record, answer)
@@ -314,8 +350,11 @@ class FakeUpstream:
             return await self._send(request, record, answer, [codec.dumps(error)])
         if parsed.get("stream") is True:
             options = parsed.get("stream_options")
-            include = isinstance(options, dict) and options.get("include_usage") is True
-            chunks = split_stream(sse_events(model, answer, include), answer.split)
+            options = options if isinstance(options, dict) else {}
+            include = options.get("include_usage") is True
+            continuous = options.get("continuous_usage_stats") is True
+            events = sse_events(model, answer, include, continuous)
+            chunks = split_stream(events, answer.split)
             return await self._send(request, record, answer, chunks, sse=True)
         return await self._send(
             request, record, answer, [codec.dumps(chat_completion(model, answer))]

@@ -132,8 +132,8 @@ def fake_ports() -> FakePorts:
 
 @pytest.fixture
 def deadlines() -> servicer.Deadlines:
-    """Generous deadlines; tests of the deadline override this fixture."""
-    return servicer.Deadlines(classify_s=10.0, commit_s=10.0)
+    """Generous deadlines, never extending a reply; tests of the deadline override this."""
+    return servicer.Deadlines(classify_s=10.0, commit_s=10.0, reply_budget_s=10.0)
 
 
 @pytest.fixture
@@ -193,6 +193,12 @@ class EnvoySide:
     async def response_body(self, chunk: bytes, eos: bool = False) -> pb.ProcessingResponse:
         request = pb.ProcessingRequest(response_body=pb.HttpBody(body=chunk, end_of_stream=eos))
         return await self.send(request)
+
+    async def read(self) -> pb.ProcessingResponse:
+        """One more message from the server (after one that only extended the timer)."""
+        reply = await self.call.read()
+        assert isinstance(reply, pb.ProcessingResponse), reply
+        return reply
 
     async def finish(self) -> None:
         """Half-close like Envoy after the last message, and read the server's end."""

@@ -47,6 +47,7 @@ from extproc.adapters.tokenizer_files import cached_tokenizer_json
 from extproc.adapters.tokenizers import count_tokens
 from extproc.commands.health import probe
 from extproc.envoyconf import EnvoyOptions, render
+from extproc.principals import parse_principal_source
 from tests.fakes.tokenizer_service import FakeTokenizerService
 from tests.fakes.upstream import FakeUpstream, Record
 from tests.plugins.postgres import PgServer
@@ -68,6 +69,8 @@ class StackSettings:
     tokenizer_only: tuple[str, ...] = ("demo-off",)
     principal_source: str = "key_hash"
     classify_deadline_ms: int = 5000
+    # Envoy's ext_proc message_timeout (the server is told it, and extends longer waits).
+    message_timeout_ms: int = 2000
     max_body_bytes: int = 256 * 1024
     # The 24h tier stays disabled so the tier_disabled rejection can be seen.
     enabled_ttls: str = "5m,1h"
@@ -77,6 +80,7 @@ class StackSettings:
     # Envoy reaches the server over a Unix socket instead of loopback TCP.
     unix_socket: bool = False
     # Changes the rendered Envoy bootstrap (parsed) before Envoy starts, e.g. to add filters.
+    # The bootstrap already removes client copies of the principal source's header.
     envoy_patch: Callable[[dict[str, Any]], None] | None = None
 
 
@@ -111,9 +115,17 @@ class RecordingTokenizer(FakeTokenizerService):
     tokenize_delay: float = 0.0
     started: int = 0
     answered: int = 0
+    # Closed: tokenize calls wait until it opens (set from any thread).
+    gate: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.gate.set()
 
     async def _tokenize(self, request: web.Request) -> web.StreamResponse:
         self.started += 1
+        if not self.gate.is_set():
+            await asyncio.to_thread(self.gate.wait)
         if self.tokenize_delay:
             await asyncio.sleep(self.tokenize_delay)
         try:
@@ -352,8 +364,7 @@ def _extproc_env(
             "EXTPROC_DATABASE_URL": database_url,
             "EXTPROC_PRINCIPAL_SOURCE": settings.principal_source,
             "EXTPROC_TOKENIZER_URL": tokenizer_url,
-            "EXTPROC_CLASSIFY_DEADLINE_MS": str(settings.classify_deadline_ms),
-            "EXTPROC_MAX_BODY_BYTES": str(settings.max_body_bytes),
+            **_timing(settings).server_env(),
             "EXTPROC_ENABLED_TTLS": settings.enabled_ttls,
             "EXTPROC_METRICS_LISTEN": "off",
             "EXTPROC_SHUTDOWN_GRACE_S": str(settings.shutdown_grace_s),
@@ -362,6 +373,15 @@ def _extproc_env(
     )
     env.update(dict(settings.extra_env))
     return env
+
+
+def _timing(settings: StackSettings) -> EnvoyOptions:
+    """The Envoy options the server's settings must agree with."""
+    return EnvoyOptions(
+        max_body_bytes=settings.max_body_bytes,
+        classify_deadline_ms=settings.classify_deadline_ms,
+        message_timeout_ms=settings.message_timeout_ms,
+    )
 
 
 def _envoy_listener_port(admin_url: str) -> int | None:
@@ -387,6 +407,25 @@ def _envoy_ready(admin_path: Path) -> bool:
 
 
 def start_envoy(stack: Stack, settings: StackSettings, workdir: Path) -> None:
+    stack.url, stack.envoy_admin_url = launch_envoy(stack, settings, workdir)
+
+
+EnvoyPatch = Callable[[dict[str, Any]], None]
+
+
+def launch_envoy(
+    stack: Stack,
+    settings: StackSettings,
+    workdir: Path,
+    patches: tuple[EnvoyPatch, ...] | None = None,
+    name: str = "envoy",
+) -> tuple[str, str]:
+    """Start an Envoy in front of the stack's server; its listener and admin URLs.
+
+    The bootstrap is rendered for the stack (the principal header the server trusts included),
+    then changed by ``patches`` in order (by default the module's ``envoy_patch``). The process
+    stops with the stack.
+    """
     options = EnvoyOptions(
         listen_host="127.0.0.1",
         listen_port=0,
@@ -396,26 +435,28 @@ def start_envoy(stack: Stack, settings: StackSettings, workdir: Path) -> None:
         max_body_bytes=settings.max_body_bytes,
         classify_deadline_ms=settings.classify_deadline_ms,
         fail_open=settings.fail_open,
+        message_timeout_ms=settings.message_timeout_ms,
+        principal_header=parse_principal_source(settings.principal_source).stripped_header,
     )
-    config = workdir / "envoy.yaml"
-    text = render(options)
-    if settings.envoy_patch is not None:
-        parsed = yaml.safe_load(text)
-        settings.envoy_patch(parsed)
-        text = yaml.safe_dump(parsed, sort_keys=False)
-    config.write_text(text)
-    admin_path = workdir / "envoy-admin.txt"
+    if patches is None:
+        patches = () if settings.envoy_patch is None else (settings.envoy_patch,)
+    config = workdir / f"{name}.yaml"
+    parsed = yaml.safe_load(render(options))
+    for patch in patches:
+        patch(parsed)
+    config.write_text(yaml.safe_dump(parsed, sort_keys=False))
+    admin_path = workdir / f"{name}-admin.txt"
     argv = [ENVOY, "-c", str(config), "--disable-hot-restart", "--concurrency", "1"]
     argv += ["-l", "warning", "--admin-address-path", str(admin_path)]
     argv += ["--file-flush-interval-msec", "100"]
-    envoy = ManagedProcess("envoy", argv, dict(os.environ), workdir / "envoy.log")
+    envoy = ManagedProcess(name, argv, dict(os.environ), workdir / f"{name}.log")
     stack.processes.append(envoy)
     envoy.start()
-    _wait_until("envoy", lambda: _envoy_ready(admin_path), [envoy])
-    stack.envoy_admin_url = f"http://{admin_path.read_text().strip()}"
-    port = _envoy_listener_port(stack.envoy_admin_url)
+    _wait_until(name, lambda: _envoy_ready(admin_path), [envoy])
+    admin_url = f"http://{admin_path.read_text().strip()}"
+    port = _envoy_listener_port(admin_url)
     assert port is not None, envoy.tail()
-    stack.url = f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{port}", admin_url
 
 
 def _local_stack(

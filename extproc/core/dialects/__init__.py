@@ -1,0 +1,1 @@
+"""Request dialects: where each API keeps its blocks, markers and stream options."""
