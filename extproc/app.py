@@ -21,6 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc.adapters import postgres, servicer
+from extproc.adapters.classifying import Deadlines
 from extproc.adapters.pg_resolvers import PgModelConfigResolver, build_principal_resolver
 from extproc.adapters.telemetry import (
     Metrics,
@@ -200,10 +201,10 @@ def tokenizer_timeouts(settings: Settings) -> RemoteTimeouts:
     )
 
 
-def deadlines(settings: Settings) -> servicer.Deadlines:
+def deadlines(settings: Settings) -> Deadlines:
     """The join and commit deadlines, and how Envoy's message timer bounds a reply."""
     timeout = settings.envoy_message_timeout_ms
-    return servicer.Deadlines(
+    return Deadlines(
         classify_s=settings.classify_deadline_ms / 1000,
         commit_s=settings.commit_deadline_ms / 1000,
         reply_budget_s=reply_budget_ms(timeout) / 1000,
