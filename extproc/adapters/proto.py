@@ -25,11 +25,11 @@ import enum
 from collections.abc import Callable
 from typing import TypeVar
 
-from envoy.config.core.v3 import base_pb2
-from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import duration_pb2
 
+from extproc._envoy_api.envoy.config.core.v3 import base_pb2
+from extproc._envoy_api.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from extproc._envoy_api.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from extproc.core import phases as s
 
 _Mode = processing_mode_pb2.ProcessingMode

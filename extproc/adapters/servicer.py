@@ -17,8 +17,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
+from extproc._envoy_api.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from extproc.adapters import proto
 from extproc.adapters.classifying import Classifying, Deadlines
 from extproc.adapters.telemetry import Metrics, log_event
