@@ -12,7 +12,7 @@ from extproc.core.errors import ClientError, ExtprocError
 from extproc.core.markers import error_envelope
 from extproc.core.model import DEFAULT_TELEMETRY_PREFIXES, RequestPolicy, Tier, TierPolicy
 from extproc.core.query import read_breakpoint_param
-from extproc.core.request import Prepared, prepare
+from extproc.core.request import Prepared, prepare_walked
 
 EXIT_REJECTED = 2
 
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     raw = _read(args.file)
     try:
         automatic = read_breakpoint_param(args.path) is not None
-        prepared = prepare(raw, policy, automatic)
+        prepared = prepare_walked(raw, policy, automatic)
     except ClientError as err:
         sys.stdout.write(error_envelope(err).decode() + "\n")
         return EXIT_REJECTED

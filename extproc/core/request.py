@@ -9,7 +9,11 @@ Invariants:
   cannot read: then it is refused (``unreadable_body``), never forwarded with its markers;
 * invalid markers raise ``MarkerError``: block markers in block order first, then the count,
   then the top-level (automatic) marker and its placement;
-* a non-null top-level ``cache_control`` wins over the ``cacheBreakpoint`` query parameter.
+* a non-null top-level ``cache_control`` wins over the ``cacheBreakpoint`` query parameter;
+* a body that cannot hold a marker or a telemetry block (neither their bytes nor an escaped
+  ASCII character that could spell them) is not walked block by block: orjson tells its
+  model and stream flag, and only a stream's ``stream_options`` is read for its edit (it has
+  no blocks that matter: no breakpoint, nothing hashed); ``prepare_walked`` always walks.
 """
 
 from __future__ import annotations
@@ -53,6 +57,17 @@ def prepare(raw: bytes, policy: RequestPolicy, query_automatic: bool = False) ->
 
     ``query_automatic`` says the path carried ``cacheBreakpoint=lastUserMessage``.
     """
+    if not query_automatic and not _may_hold_blocks_we_own(raw, policy):
+        plain = _prepare_plain(raw)
+        if not isinstance(plain, _Unread):
+            return plain
+    return prepare_walked(raw, policy, query_automatic)
+
+
+def prepare_walked(
+    raw: bytes, policy: RequestPolicy, query_automatic: bool = False
+) -> Prepared | None:
+    """``prepare`` that always walks every block (``explain`` shows them all)."""
     text = spans.decode(raw)
     try:
         root = spans.read(text, chat.SHAPE)
@@ -76,6 +91,51 @@ def prepare(raw: bytes, policy: RequestPolicy, query_automatic: bool = False) ->
         breakpoints=points,
         telemetry=found.telemetry,
     )
+
+
+class _Unread:
+    """The fast path could not read the body: take the lossless one."""
+
+
+_UNREAD = _Unread()
+_TOP_SHAPE = spans.Obj({"stream_options": spans.SHALLOW})
+
+
+def _may_hold_blocks_we_own(raw: bytes, policy: RequestPolicy) -> bool:
+    """Whether ``raw`` may carry a marker or a telemetry block (so it must be walked)."""
+    if _MARKER_BYTES in raw or _ESCAPED_ASCII.search(raw):
+        return True
+    return any(prefix.encode() in raw for prefix in policy.telemetry_prefixes)
+
+
+def _prepare_plain(raw: bytes) -> Prepared | _Unread | None:
+    """A body without markers or telemetry: its model and stream flag, and the usage edit."""
+    try:
+        doc = codec.loads(raw)
+    except codec.JSONDecodeError:
+        return _UNREAD  # perhaps a value only the lossless reader reads
+    if not isinstance(doc, dict):
+        return None
+    model, stream = doc.get("model"), doc.get("stream") is True
+    body = _with_include_usage(raw) if stream else raw
+    return Prepared(
+        body=body,
+        changed=body is not raw,
+        had_markers=False,
+        model=model if isinstance(model, str) else None,
+        stream=stream,
+        blocks=(),
+        hashes=(),
+        breakpoints=(),
+    )
+
+
+def _with_include_usage(raw: bytes) -> bytes:
+    text = spans.decode(raw)
+    root = spans.read(text, _TOP_SHAPE)
+    splice = spans.Splice()
+    chat.force_include_usage(root, splice)
+    return spans.encode(splice.apply(text)) if splice else raw
 
 
 def _breakpoints(

@@ -15,11 +15,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from extproc.core import codec, spans
-from extproc.core.errors import BodyReadError, MarkerError, RejectReason
+from extproc.core.errors import BodyReadError, ClientError, MarkerError, RejectReason
 from extproc.core.markers import CONFLICT_MESSAGE, NO_SLOT_MESSAGE
 from extproc.core.model import RequestPolicy, Tier, TierPolicy
 from extproc.core.prefix import Breakpoint, prefix_hashes, string_body
-from extproc.core.request import Prepared, prepare
+from extproc.core.request import Prepared, prepare, prepare_walked
 from tests.core import bodies
 
 POLICY = RequestPolicy()
@@ -34,7 +34,8 @@ VECTORS = (
 
 
 def _prepare(raw: bytes, policy: RequestPolicy = POLICY, query: bool = False) -> Prepared:
-    prepared = prepare(raw, policy, query)
+    """The walked preparation: every block, even of a body without markers."""
+    prepared = prepare_walked(raw, policy, query)
     assert prepared is not None
     return prepared
 
@@ -702,7 +703,9 @@ def _accepted(case: tuple[Any, ...]) -> tuple[bytes, Prepared, bodies.Expected]:
             prepare(raw, policy, query)
         assert caught.value.reason is expected.rejection
     assume(expected.rejection is None)
-    return raw, _prepare(raw, policy, query), expected
+    prepared = prepare(raw, policy, query)  # what the server forwards
+    assert prepared is not None
+    return raw, prepared, expected
 
 
 def _is_subsequence(short: str, long: str) -> bool:
@@ -748,8 +751,10 @@ def _content(prepared: Prepared, leave_out: Sequence[str] = ()) -> list[tuple[An
 @PROPERTY
 @given(cases)
 def test_prepare_is_idempotent(case: tuple[Any, ...]) -> None:
-    _, prepared, expected = _accepted(case)
+    raw, fast, expected = _accepted(case)
     policy = case[3]
+    prepared = _prepare(raw, policy, case[4])  # walked, to compare the blocks
+    assert fast.body == prepared.body
     again = _prepare(prepared.body, policy)
     assert not again.had_markers
     assert again.breakpoints == ()
@@ -774,3 +779,62 @@ def test_splicing_keeps_valid_json(case: tuple[Any, ...]) -> None:
     root = spans.read(spans.decode(prepared.body), spans.SHALLOW)
     assert isinstance(root.value, dict)
     assert prepared.hashes == prefix_hashes(prepared.blocks)
+
+
+# ---- the fast path for bodies that cannot hold anything we own ----
+
+UNMARKED = [
+    pytest.param(b'{"model":"m","messages":[{"role":"user","content":"hi"}]}', id="plain"),
+    pytest.param(b'{"model":"m","stream":true,"messages":[]}', id="stream-gets-options"),
+    pytest.param(
+        b'{"model":"m","stream":true,"stream_options":{"continuous_usage_stats":true}}',
+        id="stream-options-completed",
+    ),
+    pytest.param(b'{"model":"m","stream":true,"stream_options":null}', id="options-null"),
+    pytest.param(b'{"model":"m","n":1180591620717411303424}', id="big-integer"),
+    pytest.param(b'{"model":"m","x":1e400,"stream":true}', id="beyond-double-walked"),
+    pytest.param(b'{"model":"m","s":"\\ud800","stream":true}', id="lone-surrogate-walked"),
+    pytest.param(b'["not", "an", "object"]', id="not-an-object"),
+    pytest.param(b'{"model": "m"', id="not-json"),
+    pytest.param(b'{"model":"m","text":"caf\\u00e9"}', id="non-ascii-escape"),
+]
+
+
+@pytest.mark.parametrize("raw", UNMARKED)
+def test_the_fast_path_agrees_with_the_walk(raw: bytes) -> None:
+    fast, walked = prepare(raw, POLICY), prepare_walked(raw, POLICY)
+    if walked is None:
+        assert fast is None
+        return
+    assert fast is not None
+    assert (fast.body, fast.changed, fast.model, fast.stream) == (
+        walked.body,
+        walked.changed,
+        walked.model,
+        walked.stream,
+    )
+    assert (fast.had_markers, fast.breakpoints) == (False, ())
+    assert (fast.body is raw) is (not fast.changed)
+
+
+@PROPERTY
+@given(cases)
+def test_the_fast_path_never_changes_the_outcome(case: tuple[Any, ...]) -> None:
+    body, gaps, bom, policy, query = case
+    raw = bodies.encode(body, gaps, bom)
+    try:
+        walked = prepare_walked(raw, policy, query)
+    except ClientError as err:
+        with pytest.raises(type(err)):
+            prepare(raw, policy, query)
+        return
+    fast = prepare(raw, policy, query)
+    if walked is None:
+        assert fast is None
+        return
+    assert fast is not None
+    assert (fast.body, fast.breakpoints, fast.had_markers) == (
+        walked.body,
+        walked.breakpoints,
+        walked.had_markers,
+    )

@@ -164,11 +164,12 @@ def layout(root: Node, policy: RequestPolicy, splice: Splice) -> Layout:
     walk.tools(root.named("tools"))
     walk.messages(root.named("messages"))
     top = walk.cut_markers(root)
-    _force_include_usage(root, splice)
+    force_include_usage(root, splice)
     return Layout(tuple(walk.sites), tuple(walk.telemetry), top)
 
 
-def _force_include_usage(root: Node, splice: Splice) -> None:
+def force_include_usage(root: Node, splice: Splice) -> None:
+    """On a stream, make ``stream_options.include_usage`` true (edits into ``splice``)."""
     if root.value.get("stream") is not True:
         return
     options = root.named("stream_options")
