@@ -1,8 +1,14 @@
 """The Tokenizer port over Hugging Face ``tokenizers``: local tokenizer.json files, per alias.
 
-A file is loaded once, lazily (or all at once by ``validate`` at start), and its version is a
-digest of its bytes, so replacing the file re-keys the cache after a restart. Encoding runs in
-a small thread pool (``tokenizers`` releases the GIL), never on the event loop.
+Rules:
+* a file is loaded once, lazily (or all at once by ``validate`` at start), and its version is
+  a digest of its bytes, so replacing the file re-keys the cache after a restart;
+* counting uses the encoder's fastest path (``encode_batch_fast``: no offsets, and only the
+  length of each encoding is read), whose counts equal ``encode_batch``'s;
+* encoding runs in a small thread pool (``tokenizers`` releases the GIL), never on the event
+  loop, behind a bounded queue: a count that finds ``queue_limit`` counts already waiting for a
+  thread fails at once with ``DependencyError`` (the request degrades to zero-active) instead
+  of waiting its deadline out; a count whose caller gives up while it waits is dropped unrun.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any, TypeVar
 
 from tokenizers import Tokenizer as HfTokenizer
 
+from extproc.adapters.breaker import Breaker
 from extproc.adapters.tokenizers_remote import RemoteTimeouts, RemoteTokenizer
 from extproc.core import codec
 from extproc.core.errors import DependencyError, UnmappedModel
@@ -61,10 +68,13 @@ def load_tokenizer_file(path: Path) -> LoadedTokenizer:
 def count_tokens(encoder: HfTokenizer, segments: list[str]) -> tuple[int, ...]:
     """Tokens in each segment, without special tokens (so counts add up across segments)."""
     try:
-        encodings = encoder.encode_batch(segments, add_special_tokens=False)
+        encodings = encoder.encode_batch_fast(segments, add_special_tokens=False)
     except Exception as exc:  # e.g. a lone surrogate cannot cross into the Rust side
         raise DependencyError(f"tokenizer cannot encode the segments: {exc}") from exc
-    return tuple(len(e.ids) for e in encodings)
+    return tuple(map(len, encodings))
+
+
+DEFAULT_QUEUE_LIMIT = 64
 
 
 class EmbeddedTokenizer:
@@ -75,12 +85,16 @@ class EmbeddedTokenizer:
         files: Mapping[str, str | Path],
         workers: int = 2,
         load: Callable[[Path], LoadedTokenizer] = load_tokenizer_file,
+        queue_limit: int = DEFAULT_QUEUE_LIMIT,
     ) -> None:
         self._files = {alias: Path(path) for alias, path in files.items()}
         self._load = load
         self._loaded: dict[Path, LoadedTokenizer] = {}
         self._loading: dict[Path, asyncio.Future[LoadedTokenizer]] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, "extproc-tokenize")
+        self._limit = workers + queue_limit
+        self._in_flight = 0
+        self.rejected = 0
 
     def maps(self, alias: str) -> bool:
         return alias in self._files
@@ -107,8 +121,21 @@ class EmbeddedTokenizer:
         loaded = await self._get(self._files[alias])
         counts: tuple[int, ...] = ()
         if segments:
-            counts = await self._submit(count_tokens, loaded.encoder, list(segments))
+            counts = await self._queued(count_tokens, loaded.encoder, list(segments))
         return TokenCounts(loaded.version, counts)
+
+    async def _queued(self, work: Callable[..., _T], *args: Any) -> _T:
+        """``work(*args)`` in the pool, unless ``queue_limit`` counts wait for it already."""
+        if self._in_flight >= self._limit:
+            self.rejected += 1
+            raise DependencyError("tokenizer queue is full")
+        future = self._submit(work, *args)
+        self._in_flight += 1
+        future.add_done_callback(self._left)
+        return await future
+
+    def _left(self, _done: asyncio.Future[Any]) -> None:
+        self._in_flight -= 1
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -173,10 +200,12 @@ def build_tokenizer(
     url: str | None,
     files: Mapping[str, str | Path],
     timeouts: RemoteTimeouts | None = None,
+    queue_limit: int = DEFAULT_QUEUE_LIMIT,
+    breaker: Breaker | None = None,
 ) -> CompositeTokenizer:
     """The tokenizer the server uses: ``files`` embedded, the service at ``url`` for the rest."""
-    remote = RemoteTokenizer(url, timeouts or RemoteTimeouts()) if url else None
-    return CompositeTokenizer(EmbeddedTokenizer(files), remote)
+    remote = RemoteTokenizer(url, timeouts or RemoteTimeouts(), breaker=breaker) if url else None
+    return CompositeTokenizer(EmbeddedTokenizer(files, queue_limit=queue_limit), remote)
 
 
 def parse_tokenizer_map(text: str) -> dict[str, str]:

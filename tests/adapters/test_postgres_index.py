@@ -12,9 +12,10 @@ import psycopg_pool
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from extproc.adapters.index_memo import IndexMemo, MemoPolicy
+from extproc.adapters.pg_index import PgPrefixIndex
 from extproc.adapters.postgres import (
     ExpirySweeper,
-    PgPrefixIndex,
     Pool,
     is_connection_error,
     once_more_on_connection_error,
@@ -75,7 +76,8 @@ def count_rows(url: str) -> int:
 
 @pytest.fixture
 def index(pg_pool: Pool) -> PgPrefixIndex:
-    return PgPrefixIndex(pg_pool, timeout=5.0)
+    """The index with its memory never answering: every lookup asks PostgreSQL."""
+    return PgPrefixIndex(pg_pool, timeout=5.0, memo=IndexMemo(MemoPolicy(ttl=0.0)))
 
 
 OTHER_SCOPES = [
@@ -178,7 +180,7 @@ async def proxied_index(database_url: str, proxy: TcpProxy) -> AsyncIterator[PgP
     url = make_conninfo(database_url, host="127.0.0.1", port=proxy.port)
     pool = await open_pool(url, min_size=1, max_size=2, timeout=1.0)
     try:
-        yield PgPrefixIndex(pool, timeout=0.5)
+        yield PgPrefixIndex(pool, timeout=0.5, memo=IndexMemo(MemoPolicy(ttl=0.0)))
     finally:
         await pool.close(timeout=1.0)
 

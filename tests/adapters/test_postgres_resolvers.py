@@ -160,7 +160,7 @@ async def test_api_key_memo_is_keyed_by_hash_and_remembers_unknowns(
     add_key(database_url, "sk-late", "tenant-a")
     assert await resolver.resolve(caller("sk-late")) is None
     assert resolver.memo_stats() == MemoStats(hits=1, misses=1, size=1)
-    assert "sk-late" not in repr(vars(resolver._memo))
+    assert "sk-late" not in repr(vars(resolver._query.memo))
     clock.now += 30.0
     assert await resolver.resolve(caller("sk-late")) == PrincipalId("tenant-a")
 

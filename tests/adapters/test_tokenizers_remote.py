@@ -61,6 +61,9 @@ async def test_model_list_is_memoised_for_its_ttl(
     await client.version(tokenizer_alias)
     assert tokenizer_service.requests["/v1/models"] == 1
     clock.now += 0.1
+    await client.version(tokenizer_alias)  # served the last list, refreshed in the background
+    await client.settle()
+    assert tokenizer_service.requests["/v1/models"] == 2
     await client.version(tokenizer_alias)
     assert tokenizer_service.requests["/v1/models"] == 2
 
@@ -93,7 +96,7 @@ FAULTS = [
     pytest.param(Faults(status=500), "status 500", id="status-500"),
     pytest.param(Faults(status=404), "status 404", id="status-404"),
     pytest.param(Faults(malformed=True), "malformed JSON", id="malformed-json"),
-    pytest.param(Faults(reset=True), "tokenize: (ReadError|RemoteProtocolError)", id="reset"),
+    pytest.param(Faults(reset=True), "tokenize: connection lost", id="reset"),
     pytest.param(Faults(wrong_counts=True), "counts for 2 segments", id="count-mismatch"),
 ]
 
@@ -124,9 +127,9 @@ async def test_nothing_listening_is_a_dependency_error():
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     remote = RemoteTokenizer(f"http://127.0.0.1:{port}", RemoteTimeouts(connect=0.5, total=0.5))
-    with pytest.raises(DependencyError, match="ConnectError"):
+    with pytest.raises(DependencyError, match="cannot connect"):
         await remote.count("m", ["x"])
-    with pytest.raises(DependencyError, match="ConnectError"):
+    with pytest.raises(DependencyError, match="cannot connect"):
         await remote.version("m")
     await remote.aclose()
 
@@ -209,7 +212,7 @@ async def test_fake_service_runs_as_a_process(tokenizer_file, tokenizer_alias):
 
 async def test_closed_client_degrades(client, tokenizer_alias):
     await client.aclose()
-    with pytest.raises(DependencyError, match="RuntimeError"):
+    with pytest.raises(DependencyError, match="closed"):
         await client.count(tokenizer_alias, ["x"])
 
 
