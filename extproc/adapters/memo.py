@@ -70,7 +70,7 @@ class TtlMemo(Generic[K, V]):
         self._clock = clock
         self._items: OrderedDict[K, Memoised[V]] = OrderedDict()
         self._loading: dict[K, asyncio.Future[V]] = {}
-        self._refreshing: set[asyncio.Task[V]] = set()
+        self._refreshing: dict[K, asyncio.Task[V]] = {}
         self.hits = 0
         self.misses = 0
         self.joined = 0
@@ -113,18 +113,18 @@ class TtlMemo(Generic[K, V]):
     async def settle(self) -> None:
         """Wait for the background refreshes under way (their failures are logged there)."""
         if self._refreshing:
-            await asyncio.wait(set(self._refreshing))
+            await asyncio.wait(set(self._refreshing.values()))
 
     def _refresh(self, key: K, load: Load[V]) -> None:
         """Start one background load of ``key`` unless one is under way."""
-        if key in self._loading:
+        if key in self._loading or key in self._refreshing:
             return
         task = asyncio.ensure_future(self._load(key, load))
-        self._refreshing.add(task)
-        task.add_done_callback(self._refreshed)
+        self._refreshing[key] = task
+        task.add_done_callback(lambda done: self._refreshed(key, done))
 
-    def _refreshed(self, task: asyncio.Task[V]) -> None:
-        self._refreshing.discard(task)
+    def _refreshed(self, key: K, task: asyncio.Task[V]) -> None:
+        del self._refreshing[key]
         if not task.cancelled() and task.exception() is not None:
             _log.warning("memo refresh failed: %s", task.exception())
 

@@ -68,9 +68,10 @@ async def once_more_on_connection_error(
     except psycopg.Error as exc:
         if not is_connection_error(exc):
             raise
-        _log.warning("%s: connection failed (%s), trying once more", what, describe(exc))
+        failure = describe(exc)
     if before_retry is not None:
         await before_retry()
+    _log.warning("%s: connection failed (%s), trying once more", what, failure)
     return await attempt()
 
 
@@ -120,12 +121,12 @@ class Database:
 
     async def _check_idle(self, deadline: float) -> None:
         """Wait (until the deadline at most) for a check of the pool's idle connections."""
-        if self._checking is None or self._checking.done():
-            self._checking = asyncio.ensure_future(self.pool.check())
-            self._checking.add_done_callback(_retrieve)
         left = deadline - asyncio.get_running_loop().time()
         if left <= 0:
             raise _Late("no time left for a second try")
+        if self._checking is None or self._checking.done():
+            self._checking = asyncio.ensure_future(self.pool.check())
+            self._checking.add_done_callback(_retrieve)
         await asyncio.wait({self._checking}, timeout=left)
 
 

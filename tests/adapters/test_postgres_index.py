@@ -167,18 +167,8 @@ async def test_concurrent_sweepers_share_the_work(database_url: str) -> None:
 
 
 @pytest.fixture
-async def proxy(database_url: str) -> AsyncIterator[TcpProxy]:
-    params = conninfo_to_dict(database_url)
-    proxy = TcpProxy(str(params["host"]), int(str(params["port"])))
-    await proxy.start()
-    yield proxy
-    await proxy.stop()
-
-
-@pytest.fixture
-async def proxied_index(database_url: str, proxy: TcpProxy) -> AsyncIterator[PgPrefixIndex]:
-    url = make_conninfo(database_url, host="127.0.0.1", port=proxy.port)
-    pool = await open_pool(url, min_size=1, max_size=2, timeout=1.0)
+async def proxied_index(proxied_url: str) -> AsyncIterator[PgPrefixIndex]:
+    pool = await open_pool(proxied_url, min_size=1, max_size=2, timeout=1.0)
     try:
         yield PgPrefixIndex(pool, timeout=0.5, memo=IndexMemo(MemoPolicy(ttl=0.0)))
     finally:
@@ -186,24 +176,24 @@ async def proxied_index(database_url: str, proxy: TcpProxy) -> AsyncIterator[PgP
 
 
 async def test_a_severed_connection_is_tried_once_more(
-    proxied_index: PgPrefixIndex, proxy: TcpProxy, caplog: pytest.LogCaptureFixture
+    proxied_index: PgPrefixIndex, pg_proxy: TcpProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
     pending = PendingWrite(SCOPE, (CacheEntry(h("a"), 7, Tier.M5),), None)
     assert await proxied_index.lookup(SCOPE, [h("a")]) == []
-    await proxy.cut()
+    await pg_proxy.cut()
     await proxied_index.commit(pending)  # the pool's connection died: a new one does it
-    await proxy.cut()
+    await pg_proxy.cut()
     assert await proxied_index.lookup(SCOPE, [h("a")]) == [IndexHit(h("a"), 7, Tier.M5)]
     retried = [r.getMessage() for r in caplog.records if "trying once more" in r.getMessage()]
     assert [m.split(":")[0] for m in retried] == ["index commit", "index lookup"]
 
 
 async def test_connections_that_keep_failing_raise_dependency_error(
-    proxied_index: PgPrefixIndex, proxy: TcpProxy
+    proxied_index: PgPrefixIndex, pg_proxy: TcpProxy
 ) -> None:
     assert await proxied_index.lookup(SCOPE, [h("a")]) == []
-    await proxy.cut()
-    await proxy.stop()
+    await pg_proxy.cut()
+    await pg_proxy.stop()
     with pytest.raises(DependencyError):
         await proxied_index.lookup(SCOPE, [h("a")])
 
@@ -257,29 +247,29 @@ async def test_logical_errors_are_never_retried(error: Exception) -> None:
 
 
 async def test_stopped_server_raises_dependency_error(
-    proxied_index: PgPrefixIndex, proxy: TcpProxy
+    proxied_index: PgPrefixIndex, pg_proxy: TcpProxy
 ) -> None:
-    await proxy.stop()
+    await pg_proxy.stop()
     with pytest.raises(DependencyError):
         await proxied_index.commit(PendingWrite(SCOPE, (CacheEntry(h("a"), 1, Tier.M5),), None))
 
 
 async def test_stalled_server_raises_dependency_error_at_the_deadline(
-    proxied_index: PgPrefixIndex, proxy: TcpProxy
+    proxied_index: PgPrefixIndex, pg_proxy: TcpProxy
 ) -> None:
-    proxy.stall()
+    pg_proxy.stall()
     with pytest.raises(DependencyError, match="no answer"):
         await proxied_index.lookup(SCOPE, [h("a")])
-    proxy.resume()
+    pg_proxy.resume()
 
 
 async def test_index_recovers_after_an_outage(
-    proxied_index: PgPrefixIndex, proxy: TcpProxy
+    proxied_index: PgPrefixIndex, pg_proxy: TcpProxy
 ) -> None:
-    await proxy.stop()
+    await pg_proxy.stop()
     with pytest.raises(DependencyError):
         await proxied_index.lookup(SCOPE, [h("a")])
-    await proxy.start()
+    await pg_proxy.start()
     assert await _lookup_once_recovered(proxied_index) == []
 
 
@@ -305,11 +295,11 @@ async def test_periodic_sweeper_counts_deletions_and_stops(
     assert (sweeper.deleted_total, sweeper.failures, count_rows(database_url)) == (1, 0, 0)
 
 
-async def test_periodic_sweeper_survives_an_outage(database_url: str, proxy: TcpProxy) -> None:
-    url = make_conninfo(database_url, host="127.0.0.1", port=proxy.port)
+async def test_periodic_sweeper_survives_an_outage(database_url: str, pg_proxy: TcpProxy) -> None:
+    url = make_conninfo(database_url, host="127.0.0.1", port=pg_proxy.port)
     pool = await open_pool(url, min_size=1, max_size=1, timeout=1.0)
     try:
-        await proxy.stop()
+        await pg_proxy.stop()
         sweeper = ExpirySweeper(pool)
         assert await sweeper.run_once() == 0
         assert sweeper.failures == 1

