@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-from yarl import URL
 
 from extproc.adapters.breaker import Breaker, through
 from extproc.adapters.memo import TtlMemo
@@ -96,7 +95,7 @@ class RemoteTokenizer:
         rng: random.Random | None = None,
         breaker: Breaker | None = None,
     ) -> None:
-        self._urls = {p: URL(base_url.rstrip("/") + p) for p in ("/v1/models", "/v1/tokenize")}
+        self._urls = {p: base_url.rstrip("/") + p for p in ("/v1/models", "/v1/tokenize")}
         self._timeouts = timeouts or RemoteTimeouts()
         self._clock = clock
         self._rng = rng or random.Random()
