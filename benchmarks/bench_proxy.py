@@ -4,11 +4,18 @@ Paths, all against the same fast upstream (``fast_upstream.py``, its own process
 
 1. ``upstream``   the upstream directly, no Envoy;
 2. ``envoy``      Envoy alone: the shipped bootstrap rendered without the ext_proc filter;
-3. ``noop``       Envoy + ``noop_extproc.py``, a grpc.aio server that only answers CONTINUE;
+3. ``noop``       Envoy + ``noop_extproc.py``, a grpc.aio server that only answers CONTINUE
+                  to every phase (4 messages for a JSON answer);
 4. ``write``      Envoy + ``extproc serve`` (embedded PostgreSQL, a real embedded tokenizer),
                   marked requests whose cached prefix is new every time (cache writes);
    ``read``       the same with one repeated marked prefix (cache reads);
-5. ``inactive``   the same server, unmarked requests of a disabled model.
+5. ``inactive``   the same server, unmarked requests of a disabled model;
+6. ``slow``       (``--stream`` only) cache writes whose tokenizer service answers
+                  ``--slow-classify-s`` late: the stream's first bytes must not wait for it.
+
+The extproc paths use the shipped Envoy layout (``--layout``); the do-nothing server always
+gets every phase, as the reference point does. The run ends with the targets, each measured
+against the do-nothing server of the same run.
 
 For each path a separate load generator process (``loadgen.py``) warms up, then measures
 latency at the first ``--connections`` value and throughput at the last; CPU per request of
@@ -50,17 +57,18 @@ if str(ROOT) not in sys.path:
 
 from extproc import devstack  # noqa: E402
 from extproc.core import codec  # noqa: E402
-from extproc.envoyconf import EXTPROC_FILTER, EnvoyOptions, render  # noqa: E402
+from extproc.envoyconf import EXTPROC_FILTER, EnvoyOptions, Layout, render  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MODEL = "bench"
 DISABLED_MODEL = "bench-off"
+SLOW_MODEL = "bench-slow"
 MIN_PREFIX_TOKENS = 1024
 NONCE_MARKER = "NONCE-NONCE-NONCE-NONCE-"
 PATH = "/v1/chat/completions"
 READY_TIMEOUT_S = 90.0
 PROFILE_WAIT_S = 60.0
-PATHS = ("upstream", "envoy", "noop", "write", "read", "inactive")
+PATHS = ("upstream", "envoy", "noop", "write", "read", "inactive", "slow")
 WORDS = (
     "cache",
     "prefix",
@@ -470,8 +478,14 @@ class Bench:
         wait_for(lambda: accepts(port), process, "the upstream")
         self.upstream_port, self.upstream_pid = port, process.pid
 
+    @property
+    def timing(self) -> EnvoyOptions:
+        """The Envoy options the sidecar's settings must agree with."""
+        deadline = self.args.classify_deadline_ms or EnvoyOptions().classify_deadline_ms
+        return EnvoyOptions(max_body_bytes=8 << 20, classify_deadline_ms=deadline)
+
     def start_envoy(
-        self, name: str, extproc: str | None
+        self, name: str, extproc: str | None, layout: Layout
     ) -> tuple[int, int, subprocess.Popen[bytes]]:
         """Envoy for ``extproc`` (``None``: the filter removed): its port, admin port, process."""
         port, admin = devstack.free_port(), devstack.free_port()
@@ -481,7 +495,9 @@ class Bench:
             admin_port=admin,
             upstream_url=f"http://127.0.0.1:{self.upstream_port}",
             extproc_address=extproc or "127.0.0.1:9",
-            max_body_bytes=8 << 20,
+            max_body_bytes=self.timing.max_body_bytes,
+            classify_deadline_ms=self.timing.classify_deadline_ms,
+            layout=layout,
         )
         config = yaml.safe_load(render(options))
         if extproc is None:
@@ -496,16 +512,21 @@ class Bench:
         wait_for(lambda: accepts(port), process, f"envoy ({name}) listener")
         return port, admin, process
 
-    def load(self, name: str, target: Target, body: Path, bearer: str = "") -> None:
-        """Latency at the first connection count, throughput at the others."""
-        counts = self.args.connections
+    def load(
+        self, name: str, target: Target, body: Path, bearer: str = "", requests: int = 0
+    ) -> None:
+        """Latency at the first connection count, throughput at the others.
+
+        ``requests`` (when set) caps the latency run and skips the throughput runs.
+        """
+        counts = self.args.connections[:1] if requests else self.args.connections
         runs = []
         for index, connections in enumerate(counts):
             spec = LoadSpec(
                 connections=connections,
-                requests=self.args.requests if index == 0 else 10_000_000,
+                requests=(requests or self.args.requests) if index == 0 else 10_000_000,
                 duration_s=self.args.latency_max_s if index == 0 else self.args.duration,
-                warmup=max(self.args.warmup, 4 * connections),
+                warmup=2 if requests else max(self.args.warmup, 4 * connections),
                 body=body,
                 bearer=bearer,
                 profile=self._profile_path(name, index, len(counts)),
@@ -553,7 +574,7 @@ def run_baselines(bench: Bench, wanted: set[str]) -> None:
     if "upstream" in wanted:
         bench.load("upstream", Target(bench.upstream_port, upstream), body, BEARER)
     if "envoy" in wanted:
-        port, admin, envoy = bench.start_envoy("plain", None)
+        port, admin, envoy = bench.start_envoy("plain", None, Layout.HEADERS_FIRST)
         pids = {"envoy": envoy.pid, **upstream}
         bench.load("envoy", Target(port, pids, envoy_admin=admin), body, BEARER)
         bench.children.stop(envoy)
@@ -563,7 +584,8 @@ def run_baselines(bench: Bench, wanted: set[str]) -> None:
         argv = python_argv("noop_extproc.py", "--port", str(grpc_port), "--response-mode", mode)
         sidecar = bench.children.start("noop", argv, child_env())
         wait_for(lambda: accepts(grpc_port), sidecar, "the no-op ext_proc server")
-        port, admin, envoy = bench.start_envoy("noop", f"127.0.0.1:{grpc_port}")
+        noop = f"127.0.0.1:{grpc_port}"
+        port, admin, envoy = bench.start_envoy("noop", noop, Layout.HEADERS_FIRST)
         pids = {"envoy": envoy.pid, "sidecar": sidecar.pid, **upstream}
         bench.load("noop", Target(port, pids, envoy_admin=admin), body, BEARER)
         bench.children.stop(envoy)
@@ -612,6 +634,16 @@ def extproc_cli(database: str, *args: str) -> None:
         raise RuntimeError(f"extproc {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
 
 
+def start_slow_tokenizer(bench: Bench, tokenizer: Path) -> str:
+    """The late-answering tokenizer service for the ``slow`` path; its URL."""
+    port = devstack.free_port()
+    argv = python_argv("slow_tokenizer.py", "--port", str(port), "--alias", SLOW_MODEL)
+    argv += ["--tokenizer", str(tokenizer), "--delay-s", str(bench.args.slow_classify_s)]
+    process = bench.children.start("slow-tokenizer", argv, child_env())
+    wait_for(lambda: accepts(port), process, "the slow tokenizer service")
+    return f"http://127.0.0.1:{port}"
+
+
 def start_extproc(bench: Bench, database: str) -> tuple[str, int, subprocess.Popen[bytes]]:
     from extproc.adapters.tokenizer_files import cached_tokenizer_json
     from extproc.commands.health import probe
@@ -626,9 +658,12 @@ def start_extproc(bench: Bench, database: str) -> tuple[str, int, subprocess.Pop
         "EXTPROC_TOKENIZERS": f"{MODEL}={tokenizer},{DISABLED_MODEL}={tokenizer}",
         "EXTPROC_METRICS_LISTEN": f"127.0.0.1:{metrics}",
         "EXTPROC_WORKERS": str(bench.args.workers),
-        "EXTPROC_CLASSIFY_DEADLINE_MS": str(bench.args.classify_deadline_ms),
         "EXTPROC_SHUTDOWN_GRACE_S": "3",
+        **bench.timing.server_env(),
     }
+    if "slow" in bench.args.only and bench.stream:
+        env["EXTPROC_TOKENIZER_URL"] = start_slow_tokenizer(bench, Path(tokenizer))
+        env["EXTPROC_TOKENIZER_TIMEOUT_MS"] = str(int(bench.args.slow_classify_s * 1000) + 2000)
     process = bench.children.start("extproc", devstack.extproc_argv("serve"), child_env(env))
     wait_for(lambda: probe(address, timeout=1.0) == "SERVING", process, "extproc serve")
     return address, metrics, process
@@ -639,8 +674,10 @@ def run_extproc(bench: Bench, wanted: set[str]) -> None:
     extproc_cli(database, "migrate")
     enable = ("models", "enable", MODEL, "--min-prefix-tokens", str(MIN_PREFIX_TOKENS))
     extproc_cli(database, *enable)
+    slow = ("models", "enable", SLOW_MODEL, "--min-prefix-tokens", str(MIN_PREFIX_TOKENS))
+    extproc_cli(database, *slow)
     address, metrics, sidecar = start_extproc(bench, database)
-    port, admin, envoy = bench.start_envoy("extproc", address)
+    port, admin, envoy = bench.start_envoy("extproc", address, Layout(bench.args.layout))
     pids = {"envoy": envoy.pid, "sidecar": sidecar.pid, "postgres": pg_pid}
     target = Target(port, {**pids, "upstream": bench.upstream_pid}, admin, metrics)
     regimes = (
@@ -654,6 +691,9 @@ def run_extproc(bench: Bench, wanted: set[str]) -> None:
         body = bench.body(name, **shape)  # type: ignore[arg-type]
         bench.checks[name] = check_regime(port, body, field_name, bench.stream)
         bench.load(name, target, body, BEARER)
+    if "slow" in wanted and bench.stream:
+        body = bench.body("slow", model=SLOW_MODEL, marked=True, nonce=True)
+        bench.load("slow", target, body, BEARER, requests=bench.args.slow_requests)
 
 
 # ---- checking that each regime is what it claims ----
@@ -720,6 +760,7 @@ LABELS = {
     "write": "4a. Envoy + extproc, cache writes",
     "read": "4b. Envoy + extproc, cache reads",
     "inactive": "5. Envoy + extproc, disabled model, unmarked",
+    "slow": "6. Envoy + extproc, cache writes, classify slowed",
 }
 
 
@@ -727,12 +768,12 @@ def table(bench: Bench) -> str:
     counts = bench.args.connections
     at = f"{counts[0]} / {counts[-1]} conn"
     head = (
-        "| path | p50 ms | p90 ms | p99 ms | added p50 vs Envoy alone "
+        "| path | p50 ms | p90 ms | p99 ms | TTFB p50 ms | added p50 vs Envoy alone "
         f"| req/s at {counts[-1]} conn | Envoy CPU ms/req ({at}) | sidecar CPU ms/req ({at}) "
         f"| PostgreSQL CPU ms/req ({at}) | ext_proc msgs/req "
         f"| upstream CPU ms/req ({at}) | loadgen CPU ms/req ({at}) | errors |"
     )
-    lines = [head, "|" + "---|" * 13]
+    lines = [head, "|" + "---|" * 14]
     envoy_runs = bench.runs.get("envoy")
     base = envoy_runs[0].result["p50_ms"] if envoy_runs else None
     for name in PATHS:
@@ -746,7 +787,8 @@ def table(bench: Bench) -> str:
         errors = sum(int(r.result["errors"]) for r in runs)
         lines.append(
             f"| {LABELS[name]} | {latency['p50_ms']:.3f} | {latency['p90_ms']:.3f} "
-            f"| {latency['p99_ms']:.3f} | {added} | {load.result['rps']:,.0f} "
+            f"| {latency['p99_ms']:.3f} | {latency.get('ttfb_p50_ms', 0.0):.3f} | {added} "
+            f"| {load.result['rps'] if len(runs) > 1 else 0:,.0f} "
             f"| {_cpu(cpu, 'envoy')} | {_cpu(cpu, 'sidecar')} | {_cpu(cpu, 'postgres')} | {msgs} "
             f"| {_cpu(cpu, 'upstream')} | {_cpu(cpu, 'loadgen')} | {errors} |"
         )
@@ -778,6 +820,63 @@ def notes(bench: Bench) -> str:
                 shown = ", ".join(f"{k}={v:g}" for k, v in sorted(run.outcomes.items()))
                 lines.append(f"- {name} at {run.connections} conn: {shown}")
     return "\n".join(lines)
+
+
+def _sidecar_ratio(bench: Bench, name: str) -> float | None:
+    """Sidecar CPU per request at the last connection count, over the do-nothing server's."""
+    runs, noop = bench.runs.get(name), bench.runs.get("noop")
+    if not runs or not noop or len(runs) < 2:
+        return None
+    ours = runs[-1].cpu_ms_per_request.get("sidecar")
+    theirs = noop[-1].cpu_ms_per_request.get("sidecar")
+    return None if ours is None or not theirs else ours / theirs
+
+
+def _missed(bench: Bench, name: str) -> float:
+    runs = bench.runs.get(name, [])
+    return sum(r.outcomes.get("classify_results:deadline_exceeded", 0.0) for r in runs)
+
+
+def _added(bench: Bench, name: str) -> float | None:
+    runs, envoy = bench.runs.get(name), bench.runs.get("envoy")
+    if not runs or not envoy:
+        return None
+    return float(runs[0].result["p50_ms"]) - float(envoy[0].result["p50_ms"])
+
+
+def targets(bench: Bench) -> str:
+    """Each target with its figure from this run, and whether it is met."""
+    lines = ["Targets (sidecar CPU per request at the last connection count vs do-nothing):"]
+    limits = (("inactive", 0.6), ("read", 1.2 if bench.stream else 1.0))
+    limits += () if bench.stream else (("write", 4.0),)
+    for name, limit in limits:
+        ratio = _sidecar_ratio(bench, name)
+        if ratio is not None:
+            lines.append(_target(f"{name} CPU {ratio:.2f}x", ratio <= limit, f"<= {limit}x"))
+    for name in ("write", "read", "inactive"):
+        if name in bench.runs:
+            missed = _missed(bench, name)
+            lines.append(_target(f"{name} deadlines missed {missed:g}", missed == 0, "= 0"))
+    read, noop = _added(bench, "read"), _added(bench, "noop")
+    if read is not None and noop is not None:
+        lines.append(_target(f"read added p50 {read:+.3f} ms", read <= noop, f"<= {noop:+.3f}"))
+    lines += _ttfb_target(bench)
+    return "\n".join(lines)
+
+
+def _ttfb_target(bench: Bench) -> list[str]:
+    slow, write = bench.runs.get("slow"), bench.runs.get("write")
+    if not slow or not write:
+        return []
+    fast_ms = float(write[0].result["ttfb_p50_ms"])
+    slow_ms = float(slow[0].result["ttfb_p50_ms"])
+    unchanged = slow_ms <= fast_ms + max(2.0, 0.1 * fast_ms)
+    figure = f"TTFB p50 {slow_ms:.3f} ms with a {bench.args.slow_classify_s:g} s classify"
+    return [_target(figure, unchanged, f"~ {fast_ms:.3f} ms without")]
+
+
+def _target(figure: str, met: bool, limit: str) -> str:
+    return f"- {figure} (target {limit}): {'met' if met else 'NOT met'}"
 
 
 # ---- main ----
@@ -812,7 +911,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--envoy-concurrency", type=int, default=1)
     parser.add_argument("--workers", type=int, default=1, help="EXTPROC_WORKERS")
-    parser.add_argument("--classify-deadline-ms", type=int, default=150)
+    parser.add_argument(
+        "--classify-deadline-ms",
+        type=int,
+        default=0,
+        help="EXTPROC_CLASSIFY_DEADLINE_MS (default: the server's own)",
+    )
+    parser.add_argument(
+        "--layout",
+        choices=[layout.value for layout in Layout],
+        default=Layout.BODY_FIRST.value,
+        help="the Envoy layout of the extproc paths (the do-nothing server gets every phase)",
+    )
+    parser.add_argument(
+        "--slow-classify-s", type=float, default=2.0, help="the slow path's tokenizer delay"
+    )
+    parser.add_argument(
+        "--slow-requests", type=int, default=30, help="requests of the slow path (1 connection)"
+    )
     parser.add_argument("--tokenizer", default="qwen2.5", help="packaged tokenizer source")
     parser.add_argument(
         "--py-spy",
@@ -894,6 +1010,8 @@ def _run(bench: Bench, header: str) -> int:
     print(table(bench))
     print()
     print(notes(bench))
+    print()
+    print(targets(bench))
     if bench.args.json is not None:
         raw = {name: [vars(run) for run in runs] for name, runs in bench.runs.items()}
         bench.args.json.write_bytes(codec.pretty({"header": header, "runs": raw}))

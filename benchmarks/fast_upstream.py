@@ -1,12 +1,12 @@
 """A minimal HTTP/1.1 upstream for benchmarks: a fixed OpenAI-style JSON or SSE answer, keep-alive.
 
-A raw asyncio protocol with no framework: it reads each request's headers and
-``content-length`` body, then writes a prebuilt answer. A body asking for ``"stream": true``
-gets a chunked ``text/event-stream`` answer of ``--chunks`` content frames, a finish frame, a
-usage frame and ``[DONE]``, each frame its own chunk and its own write, ``--interval-ms``
-apart (as a model server paces tokens; it also keeps the frames from coalescing into one read
-in Envoy); every other request gets one JSON chat completion with a usage object. Answers are
-built once at start.
+A raw asyncio protocol with no framework: it reads each request's headers and its
+``content-length`` or chunked body, then writes a prebuilt answer. A body asking for
+``"stream": true`` gets a chunked ``text/event-stream`` answer of ``--chunks`` content
+frames, a finish frame, a usage frame and ``[DONE]``, each frame its own chunk and its own
+write, ``--interval-ms`` apart (as a model server paces tokens; it also keeps the frames from
+coalescing into one read in Envoy); every other request gets one JSON chat completion with a
+usage object. Answers are built once at start.
 """
 
 from __future__ import annotations
@@ -126,11 +126,17 @@ class Http(asyncio.Protocol):
         if end < 0:
             return False
         head = bytes(self._buffer[:end]).lower()
-        length = _content_length(head)
-        total = end + len(HEADER_END) + length
-        if len(self._buffer) < total:
-            return False
-        body = bytes(self._buffer[end + len(HEADER_END) : total])
+        start = end + len(HEADER_END)
+        if b"\r\ntransfer-encoding: chunked" in head:
+            found = _chunked_body(self._buffer, start)
+            if found is None:
+                return False
+            body, total = found
+        else:
+            total = start + _content_length(head)
+            if len(self._buffer) < total:
+                return False
+            body = bytes(self._buffer[start:total])
         del self._buffer[:total]
         self._respond(any(flag in body for flag in STREAM_FLAGS))
         return True
@@ -159,6 +165,27 @@ class Http(asyncio.Protocol):
                     return
                 self._transport.write(part)
         self._writing = False
+
+
+def _chunked_body(buffer: bytearray, start: int) -> tuple[bytes, int] | None:
+    """A chunked request body starting at ``start`` and where it ends; ``None``: incomplete.
+
+    With the request headers skipped, Envoy forwards an edited body chunked.
+    """
+    parts, at = [], start
+    while True:
+        line_end = buffer.find(b"\r\n", at)
+        if line_end < 0:
+            return None
+        size = int(bytes(buffer[at:line_end]).split(b";", 1)[0], 16)
+        data_start = line_end + 2
+        if size == 0:
+            trailer_end = buffer.find(b"\r\n", data_start)
+            return None if trailer_end < 0 else (b"".join(parts), trailer_end + 2)
+        if len(buffer) < data_start + size + 2:
+            return None
+        parts.append(bytes(buffer[data_start : data_start + size]))
+        at = data_start + size + 2
 
 
 def _content_length(head: bytes) -> int:

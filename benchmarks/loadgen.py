@@ -5,7 +5,8 @@ connections, sends ``--warmup`` requests (not measured), prints ``warm`` and wai
 on stdin (the caller samples CPU counters then), then sends requests until ``--requests`` are
 done or ``--duration`` seconds have passed, and prints one JSON line: the count, errors,
 elapsed time and latency percentiles (``time.perf_counter_ns`` around each request, from the
-first byte written to the last byte read). If the body template contains ``--nonce-marker``,
+first byte written to the last byte read), and the time to the first body byte (``ttfb_*``:
+for a stream, when its first chunk arrived). If the body template contains ``--nonce-marker``,
 every request replaces it with a fresh value of the same length (unique prefixes).
 """
 
@@ -54,30 +55,35 @@ class Tally:
     """What the measured part saw."""
 
     latencies_ns: list[int] = field(default_factory=list)
+    first_bytes_ns: list[int] = field(default_factory=list)
     errors: int = 0
     statuses: dict[int, int] = field(default_factory=dict)
 
 
-async def read_response(reader: asyncio.StreamReader) -> int:
-    """Read one whole response; return its status."""
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, int]:
+    """Read one whole response; return its status and when its first body byte arrived."""
     head = (await reader.readuntil(HEADER_END)).lower()
     status = int(head[9:12])
+    first = time.perf_counter_ns()
     at = head.find(b"\r\ncontent-length:")
     if at >= 0:
         stop = head.find(b"\r\n", at + 2)
         await reader.readexactly(int(head[at + 17 : stop]))
     elif b"transfer-encoding: chunked" in head:
-        await _read_chunks(reader)
-    return status
+        first = await _read_chunks(reader)
+    return status, first
 
 
-async def _read_chunks(reader: asyncio.StreamReader) -> None:
+async def _read_chunks(reader: asyncio.StreamReader) -> int:
+    """Read a chunked body; when its first chunk had arrived."""
+    first = 0
     while True:
         size = int((await reader.readuntil(b"\r\n")).split(b";", 1)[0], 16)
         if size == 0:
             await reader.readuntil(b"\r\n")  # no trailers are expected
-            return
+            return first or time.perf_counter_ns()
         await reader.readexactly(size + 2)
+        first = first or time.perf_counter_ns()
 
 
 class Connection:
@@ -101,7 +107,7 @@ class Connection:
         started = time.perf_counter_ns()
         try:
             self._writer.write(data)
-            status = await read_response(self._reader)
+            status, first_byte = await read_response(self._reader)
         except (OSError, asyncio.IncompleteReadError, ValueError):
             self._writer.close()
             self._writer = None
@@ -111,6 +117,7 @@ class Connection:
         if tally is None:
             return
         tally.latencies_ns.append(time.perf_counter_ns() - started)
+        tally.first_bytes_ns.append(first_byte - started)
         tally.statuses[status] = tally.statuses.get(status, 0) + 1
         if status != 200:
             tally.errors += 1
@@ -152,6 +159,7 @@ def percentile(sorted_ns: list[int], q: float) -> float:
 
 def summary(tally: Tally, elapsed_s: float) -> dict[str, object]:
     ordered = sorted(tally.latencies_ns)
+    first = sorted(tally.first_bytes_ns)
     done = len(ordered)
     return {
         "requests": done,
@@ -163,6 +171,8 @@ def summary(tally: Tally, elapsed_s: float) -> dict[str, object]:
         "p90_ms": percentile(ordered, 90),
         "p99_ms": percentile(ordered, 99),
         "mean_ms": sum(ordered) / done / 1e6 if done else 0.0,
+        "ttfb_p50_ms": percentile(first, 50),
+        "ttfb_p90_ms": percentile(first, 90),
     }
 
 

@@ -18,8 +18,9 @@ import sys
 from collections.abc import AsyncIterator
 
 import grpc
-from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from extproc._envoy_api.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from extproc._envoy_api.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 PHASES = (

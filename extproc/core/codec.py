@@ -3,9 +3,9 @@
 Rules:
 * responses and our own documents are parsed and written with orjson (fast, strict);
 * request bodies are read *losslessly* (``read_value``): integers keep every digit, numbers
-  beyond a double and the constants ``NaN``/``Infinity`` keep their literal text, escaped lone
-  surrogates survive, and nesting has no depth limit; a client's body is never re-serialised,
-  only spliced (``extproc.core.spans``);
+  beyond a double and the constants ``NaN``/``Infinity`` keep their literal text (a
+  ``Literal``, never a ``str``), escaped lone surrogates survive, and nesting has no depth
+  limit; a client's body is never re-serialised, only spliced (``extproc.core.spans``);
 * ``canonical`` is compact, keys sorted at every depth, raw UTF-8, ``/`` as is: byte for byte
   orjson's ``OPT_SORT_KEYS`` output wherever orjson can write the value, and a deterministic
   form in the same style where it cannot (huge integers, literals, surrogates, deep nesting).
@@ -28,10 +28,26 @@ JSONDecodeError = orjson.JSONDecodeError
 scanstring: Callable[[str, int, bool], tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
 
 
-class Literal(str):
-    """A number or constant kept as the client wrote it (``1e400``, ``NaN``, a huge integer)."""
+class Literal:
+    """A number or constant kept as the client wrote it (``1e400``, ``NaN``, a huge integer).
 
-    __slots__ = ()
+    Not a ``str``: a number must never pass for a string (a marker's ``type``, a block's
+    ``text``), and orjson refuses it, so it is always written back as its ``text``.
+    """
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Literal) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash((Literal, self.text))
+
+    def __repr__(self) -> str:
+        return f"Literal({self.text!r})"
 
 
 def loads(data: bytes | bytearray | memoryview | str) -> Any:
@@ -253,7 +269,7 @@ def _push_array(value: list[Any] | tuple[Any, ...], work: list[Any]) -> None:
 
 def _scalar(value: Any) -> bytes:
     if isinstance(value, Literal):
-        return value.encode()
+        return value.text.encode()
     if isinstance(value, str):
         return _string(value)
     if isinstance(value, bool) or value is None:

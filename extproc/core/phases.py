@@ -1,9 +1,12 @@
-"""What Envoy sends in each ext_proc phase (events) and how a session answers (actions).
+"""What Envoy sends (events), how a session answers (actions) and what each step means (effects).
 
 Invariants:
-* events and actions are plain values: no protobuf, no I/O; ``adapters.proto`` maps them;
+* events, actions and effects are plain values: no protobuf, no I/O; ``adapters.proto`` maps
+  events and actions, the pump acts on effects;
 * every action answers exactly one event; ``NEED_CLASSIFICATION`` is not an answer but a
-  request to join the classification first.
+  request to join the classification first;
+* a ``Turn`` is one step's answer and effects: the pump never reads the session's state to
+  learn what happened.
 """
 
 from __future__ import annotations
@@ -12,6 +15,11 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
+
+from extproc.core.errors import ClientError
+from extproc.core.model import Caller, Classification, PendingWrite
+from extproc.core.request import Prepared
+from extproc.core.verdict import Verdict, VetoReason
 
 # ---- events (what Envoy sent) ----
 
@@ -26,8 +34,11 @@ class RequestHeaders:
 
 @dataclass(frozen=True, slots=True)
 class RequestBody:
+    """A request body; ``attributes`` when Envoy skipped the request headers (body first)."""
+
     body: bytes
     end_of_stream: bool = True
+    attributes: Mapping[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,8 +55,11 @@ class ResponseHeaders:
 
 @dataclass(frozen=True, slots=True)
 class ResponseBody:
+    """A response body chunk; ``status`` when Envoy skipped the response headers."""
+
     chunk: bytes
     end_of_stream: bool = False
+    status: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,3 +156,72 @@ class EmitChunk:
 
 Action = Continue | SkipRest | RewritePath | ReplaceBody | Reject | WatchResponse | EmitChunk
 Step = Action | NeedClassification
+
+
+# ---- effects (what a step means for the rest of the server) ----
+
+
+@dataclass(frozen=True, slots=True)
+class ClassifyJob:
+    """What classify needs: the prepared request and who sent it."""
+
+    prepared: Prepared
+    caller: Caller
+
+
+@dataclass(frozen=True, slots=True)
+class StartClassify:
+    """Start classifying now, so it overlaps the upstream call."""
+
+    job: ClassifyJob
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRead:
+    """A chat request body was read; ``had_markers`` for the adoption metric."""
+
+    had_markers: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Classified:
+    """The session knew the outcome without classifying (no bearer token, not JSON)."""
+
+    classification: Classification
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """The request was refused with the 400 envelope."""
+
+    error: ClientError
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """The response's verdict; ``pending`` is what to commit (``None``: nothing).
+
+    ``accounted`` says whether the request was being accounted (a veto counts only then).
+    """
+
+    verdict: Verdict
+    pending: PendingWrite | None
+    accounted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """The stream ended; ``veto`` when an accounted response never reached its verdict."""
+
+    veto: VetoReason | None
+
+
+Effect = StartClassify | RequestRead | Classified | Rejected | Settled
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """One step's answer (or the request to join first) and its effects, in order."""
+
+    step: Step
+    effects: tuple[Effect, ...] = ()

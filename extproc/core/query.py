@@ -6,7 +6,8 @@ Rules:
 * ``lastUserMessage`` asks for automatic caching; any other value, empty included, is refused
   with the reference's message;
 * every occurrence is removed from the forwarded path, the other parameters keep their order
-  and spelling, and no ``?`` is left behind.
+  and spelling, and no ``?`` is left behind when no other parameter remains (empty ones
+  between ``&`` do not count).
 """
 
 from __future__ import annotations
@@ -41,4 +42,4 @@ def read_breakpoint_param(path: str) -> BreakpointParam | None:
             f'invalid {PARAM} value {codec.quote(values[0])}; supported values: "{SUPPORTED}"'
         )
     kept = [p for p in params if p.partition("=")[0] != PARAM]
-    return BreakpointParam(base + ("?" + "&".join(kept) if kept else ""))
+    return BreakpointParam(base + ("?" + "&".join(kept) if any(kept) else ""))

@@ -27,7 +27,8 @@ AUTOMATIC_QUERY_TIER = Tier.H1
 """The tier ``cacheBreakpoint=lastUserMessage`` asks for."""
 
 # A member name can be written with escapes ("cache\u005fcontrol"): an unreadable body with
-# an escaped printable ASCII character may hide a marker as well as one that spells it.
+# an escaped printable ASCII character may hide a marker as well as one that spells it (both
+# are looked for in the UTF-8 form of a UTF-16 or UTF-32 body).
 _ESCAPED_ASCII = re.compile(rb"\\u00[2-7][0-9a-fA-F]")
 _MARKER_BYTES = markers.MARKER_KEY.encode()
 
@@ -107,7 +108,8 @@ def _automatic_tier(top: object, policy: RequestPolicy, query_automatic: bool) -
 
 def _refuse_if_marked(raw: bytes) -> None:
     """Refuse an unreadable body that may carry a marker: another parser might read it."""
-    if _MARKER_BYTES in _as_utf8(raw) or _ESCAPED_ASCII.search(raw):
+    text = _as_utf8(raw)
+    if _MARKER_BYTES in text or _ESCAPED_ASCII.search(text):
         raise BodyReadError(
             "request body is not valid JSON; cache_control markers can only be read in a "
             "valid UTF-8 JSON body",
@@ -116,10 +118,13 @@ def _refuse_if_marked(raw: bytes) -> None:
 
 
 def _as_utf8(raw: bytes) -> bytes:
-    """``raw``, re-encoded as UTF-8 when it is JSON in UTF-16 or UTF-32 (RFC 4627 detection)."""
+    """``raw``, re-encoded as UTF-8 when it is JSON in UTF-16 or UTF-32 (RFC 4627 detection).
+
+    Undecodable units become U+FFFD, so a stray byte cannot hide the rest of the body.
+    """
     if b"\x00" not in raw[:4]:
         return raw
     try:
-        return raw.decode(codec.detect_encoding(raw)).encode("utf-8", "surrogatepass")
-    except (UnicodeDecodeError, LookupError):
+        return raw.decode(codec.detect_encoding(raw), "replace").encode("utf-8")
+    except LookupError:
         return raw

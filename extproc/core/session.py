@@ -1,67 +1,71 @@
-"""The per-request state machine over Envoy's ext_proc phases: events in, reply actions out.
+"""The per-request state machine over Envoy's ext_proc phases: events in, turns out.
 
 Rules:
-* one ``receive`` per Envoy message, answered by exactly one action (or ``NEED_CLASSIFICATION``
-  first, then one action from ``resolve``); which events a state accepts is the ``_TABLE``
-  below, anything else raises ``SessionStateError``;
+* one ``receive`` per Envoy message, answered by one ``Turn``: an action (or
+  ``NEED_CLASSIFICATION`` first, then the action from ``resolve``) and the step's effects; which
+  events a state accepts is the ``_TABLE`` below, anything else raises ``SessionStateError``;
+* three layouts are accepted: request headers first, or the request body first with the
+  request facts in its attributes (``route.RequestLine``), and response headers, or the first
+  response body chunk with the status (then the answer is streamed: SSE, or JSON held whole);
 * only ``POST`` to a path ending in ``/chat/completions`` (query excluded) is watched; anything
-  else gets ``SkipRest`` and from then on every message is answered ``Continue`` untouched;
-* a ``cacheBreakpoint`` query parameter is read on the request headers: a bad value ends the
-  session with a ``Reject``, a good one is removed from the path (``RewritePath``);
+  else is answered ``SkipRest`` (headers first) or ``Continue`` from then on, untouched;
+* a ``cacheBreakpoint`` query parameter is read on the request headers: a bad value is a
+  ``Reject``, a good one is removed from the path (``RewritePath``); body first, the path
+  cannot change, so the parameter is refused there;
 * a request body that is not a JSON object is forwarded untouched; invalid markers, an
-  unreadable marked body or an oversized body end the session with a ``Reject``;
-* a request that cannot be classified (no bearer token, not JSON) is inactive at once;
+  unreadable marked body or an oversized body are a ``Reject``; a request that cannot be
+  classified (no bearer token, not JSON) is inactive at once (``Classified``);
 * a 2xx JSON or SSE answer is watched when there is something to write: a classification to
   come or known active, or provider cache fields to scrub (``SessionPolicy.scrub``);
-* the classification is asked for only at the end of a JSON body or at the first *final*
-  SSE usage frame, never on response headers, and never while events before that frame wait
-  in the same chunk: those go out first and the frame is held for the next message (or
-  offered a classification that is already there); earlier usage frames never wait;
-* SSE bytes come out exactly once, in order; only usage-bearing frames are rewritten; a
-  partial event is held back until it completes or the stream ends;
-* a committing verdict is decided only on the response's end of stream (or trailers); a
-  non-2xx status vetoes at once; a session without a verdict commits nothing.
+* the classification is asked for only at the end of a JSON answer or at the first final SSE
+  usage frame (``answers``), never on response headers;
+* the verdict (``Settled``) is decided only on the response's end of stream (or trailers); a
+  non-2xx status vetoes at once; ``end`` reports the veto of a stream cut short.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from extproc.core import markers, query, request, sse, usage, verdict
-from extproc.core.errors import BodyReadError, ClientError, SessionStateError
-from extproc.core.model import Caller, Classification, PendingWrite, RequestPolicy
+from extproc.core import defaults, markers, query, request, route, usage, verdict
+from extproc.core.answers import SseAnswer, looks_like_sse
+from extproc.core.errors import BodyReadError, BreakpointParamError, ClientError, SessionStateError
+from extproc.core.model import Caller, Classification, RequestPolicy
 from extproc.core.phases import (
     CONTINUE,
     EVENT_TYPES,
     NEED_CLASSIFICATION,
     SKIP_REST,
     Action,
-    Continue,
+    Classified,
+    ClassifyJob,
+    Effect,
     EmitChunk,
+    Ended,
     Event,
-    NeedClassification,
     Reject,
+    Rejected,
     ReplaceBody,
     RequestBody,
     RequestHeaders,
+    RequestRead,
     RequestTrailers,
     ResponseBody,
     ResponseHeaders,
     ResponseMode,
     ResponseTrailers,
     RewritePath,
-    SkipRest,
+    Settled,
+    StartClassify,
     Step,
+    Turn,
     WatchResponse,
 )
 from extproc.core.request import Prepared
-from extproc.core.verdict import ResponseFacts, Verdict
-
-CHAT_SUFFIX = "/chat/completions"
-SSE_TYPE = "text/event-stream"
+from extproc.core.verdict import ResponseFacts, VetoReason
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,17 +73,14 @@ class SessionPolicy:
     """What the session needs from the configuration."""
 
     request: RequestPolicy = field(default_factory=RequestPolicy)
-    max_body_bytes: int = 8 << 20
+    max_body_bytes: int = defaults.MAX_BODY_BYTES
     caller_headers: frozenset[str] = frozenset()
     scrub: bool = True
 
-
-@dataclass(frozen=True, slots=True)
-class ClassifyJob:
-    """What classify needs: the prepared request and who sent it."""
-
-    prepared: Prepared
-    caller: Caller
+    @property
+    def attribute_headers(self) -> frozenset[str]:
+        """The headers read from attributes when the request headers are skipped."""
+        return self.caller_headers | {"authorization"}
 
 
 class State(enum.Enum):
@@ -94,6 +95,8 @@ class State(enum.Enum):
 
 
 _Handler = Callable[["Session", Any], Step]
+_NOT_JSON = Classification.inactive("not_json")
+_NO_BEARER = Classification.inactive("no_bearer")
 
 
 class Session:
@@ -102,93 +105,67 @@ class Session:
     def __init__(self, policy: SessionPolicy) -> None:
         self.policy = policy
         self.state = State.REQUEST_HEADERS
-        self.is_chat = False
-        self.prepared: Prepared | None = None
-        self.rejected: ClientError | None = None
-        self.classification: Classification | None = None
-        self.verdict: Verdict | None = None
-        self.status = 0
         self.request_id = ""
+        self.classification: Classification | None = None
+        self._chat = False
+        self._prepared: Prepared | None = None
         self._caller = Caller(None)
-        self._job: ClassifyJob | None = None
-        self._job_taken = False
-        self._mode: ResponseMode | None = None
+        self._accounted = False
+        self._settled = False
+        self._status = 0
         self._query_automatic = False
-        self._sse = sse.SseStream()
-        self._backlog: list[sse.SseEvent] = []
-        self._out = bytearray()
-        self._chunk = b""
-        self._eos = False
+        self._effects: list[Effect] = []
+        self._sse: SseAnswer | None = None
+        self._held: list[bytes] = []
+        self._json_streamed = False
 
     # ---- public API ----
 
-    def receive(self, event: Event) -> Step:
+    def receive(self, event: Event) -> Turn:
         """Answer one Envoy message; raises ``SessionStateError`` when it is not legal now."""
-        handler = _TABLE.get(self.state, {}).get(type(event))
+        handler = _TABLE[self.state].get(type(event))
         if handler is None:
             raise SessionStateError(f"{type(event).__name__} not allowed in {self.state.value}")
-        return handler(self, event)
+        return self._turn(handler(self, event))
 
-    def resolve(self, classification: Classification) -> Action:
+    def resolve(self, classification: Classification) -> Turn:
         """Finish the step that returned ``NEED_CLASSIFICATION`` with ``classification``."""
         if self.state is not State.AWAIT_CLASSIFICATION:
             raise SessionStateError(f"no classification awaited in {self.state.value}")
         self.classification = classification
-        if self._mode is ResponseMode.STREAMED:
+        if self._sse is not None:
             self.state = State.SSE_BODY
-            step = self._drain_sse()
-            assert not isinstance(step, NeedClassification), "classification is known now"
-            return step
+            return self._turn(self._drain_sse())
         self.state = State.JSON_BODY
-        return self._finish_json()
+        return self._turn(self._finish_json())
 
     def offer(self, classification: Classification) -> None:
         """Hand over a classification that is ready before it was asked for."""
-        if self._job is None or self.classification is not None:
+        if not self.wants_classification:
             raise SessionStateError("no classification expected")
         self.classification = classification
 
     @property
     def wants_classification(self) -> bool:
         """Whether a classification can still be used (offered or resolved)."""
-        return self._job is not None and self.classification is None and self.verdict is None
+        return self._accounted and self.classification is None and not self._settled
 
-    def take_job(self) -> ClassifyJob | None:
-        """The classify job, once, right after the request body was accepted."""
-        if self._job_taken or self._job is None:
-            return None
-        self._job_taken = True
-        return self._job
+    def end(self) -> Ended:
+        """The stream ended: the veto when an accounted response never reached its verdict."""
+        cut = self._accounted and not self._settled and self.state is not State.PASSTHROUGH
+        return Ended(VetoReason.NO_END_OF_STREAM if cut else None)
 
-    @property
-    def has_job(self) -> bool:
-        return self._job is not None
-
-    @property
-    def is_awaiting_response(self) -> bool:
-        """Whether a watched response is still to come or under way (no verdict yet)."""
-        return self.state not in (State.PASSTHROUGH, State.DONE)
-
-    @property
-    def _known_inactive(self) -> bool:
-        return self.classification is not None and self.classification.split is None
-
-    @property
-    def pending_commit(self) -> PendingWrite | None:
-        """What to commit: only with a committing verdict and a non-empty pending write."""
-        if self.verdict is None or not self.verdict.commit or self.classification is None:
-            return None
-        return self.classification.pending
+    def _turn(self, step: Step) -> Turn:
+        effects, self._effects = tuple(self._effects), []
+        return Turn(step, effects) if effects else Turn(step)
 
     # ---- request side ----
 
     def _on_request_headers(self, event: RequestHeaders) -> Step:
-        if not is_chat_request(event.method, event.path):
-            self.state = State.PASSTHROUGH
-            return SKIP_REST
-        self.is_chat = True
-        self.request_id = event.headers.get("x-request-id", "")[:128]
-        self._caller = caller_from(event.headers, self.policy.caller_headers)
+        line = route.RequestLine(event.method, event.path, event.headers)
+        opened = self._open(line)
+        if opened is not CONTINUE:
+            return opened
         try:
             param = query.read_breakpoint_param(event.path)
         except ClientError as err:
@@ -198,6 +175,27 @@ class Session:
             return CONTINUE
         self._query_automatic = True
         return RewritePath(param.path)
+
+    def _open(self, line: route.RequestLine) -> Step:
+        if not line.is_chat:
+            self.state = State.PASSTHROUGH
+            return SKIP_REST
+        self._chat = True
+        self.request_id = line.request_id
+        self._caller = line.caller(self.policy.caller_headers)
+        return CONTINUE
+
+    def _on_body_first(self, event: RequestBody) -> Step:
+        if event.attributes is None:
+            raise SessionStateError("request body first, without request attributes")
+        line = route.RequestLine.from_attributes(event.attributes, self.policy.attribute_headers)
+        if self._open(line) is not CONTINUE:
+            return CONTINUE  # not ours: a body reply cannot skip the rest
+        if query.PARAM in line.path.partition("?")[2]:
+            return self._reject(
+                BreakpointParamError(f"{query.PARAM} is not supported on this route")
+            )
+        return self._on_request_body(event)
 
     def _on_request_body(self, event: RequestBody) -> Step:
         if not event.end_of_stream:
@@ -209,13 +207,15 @@ class Session:
         except ClientError as err:
             return self._reject(err)
         if prepared is None:
-            self.classification = Classification.inactive("not_json")
+            self._classified(_NOT_JSON)
             return CONTINUE
-        self.prepared = prepared
+        self._prepared = prepared
+        self._effects.append(RequestRead(prepared.had_markers))
         if self._caller.bearer:
-            self._job = ClassifyJob(prepared, self._caller)
-        else:  # the outcome is inactive: nothing to classify
-            self.classification = Classification.inactive("no_bearer")
+            self._accounted = True
+            self._effects.append(StartClassify(ClassifyJob(prepared, self._caller)))
+        else:
+            self._classified(_NO_BEARER)
         return ReplaceBody(prepared.body) if prepared.changed else CONTINUE
 
     def _prepare(self, body: bytes) -> Prepared | None:
@@ -223,9 +223,13 @@ class Session:
             raise BodyReadError(f"request body exceeds {self.policy.max_body_bytes} bytes")
         return request.prepare(body, self.policy.request, self._query_automatic)
 
+    def _classified(self, classification: Classification) -> None:
+        self.classification = classification
+        self._effects.append(Classified(classification))
+
     def _reject(self, err: ClientError) -> Reject:
-        self.rejected = err
         self.state = State.DONE
+        self._effects.append(Rejected(err))
         return Reject(400, markers.error_envelope(err), f"extproc_{err.code}")
 
     def _on_request_trailers(self, _event: RequestTrailers) -> Step:
@@ -235,157 +239,148 @@ class Session:
     # ---- response side ----
 
     def _on_response_headers(self, event: ResponseHeaders) -> Step:
-        self.status = event.status
+        self._status = event.status
         if event.end_of_stream:
-            self._decide(end_of_stream=True, usage_seen=False)
-            self.state = State.DONE
-            return CONTINUE
-        mode = self._response_mode(event)
+            return self._settle(end_of_stream=True, usage_seen=False)
+        mode = self._watch(event.status, route.media_type(event.content_type))
         if mode is None:
-            if self._job is not None and not is_success(event.status):
-                self._decide(end_of_stream=False, usage_seen=False)
-            self.state = State.PASSTHROUGH
-            return CONTINUE
-        self._mode = mode
+            return self._unwatched(event.status)
+        if mode is ResponseMode.STREAMED:
+            self._sse = SseAnswer()
         self.state = State.SSE_BODY if mode is ResponseMode.STREAMED else State.JSON_BODY
         return WatchResponse(mode)
 
-    def _response_mode(self, event: ResponseHeaders) -> ResponseMode | None:
-        """Watch the body only when there is something to write and it can be edited.
-
-        Something to write: a classification still to come or known active, or (scrubbing
-        on) provider cache fields that an inactive answer must lose.
-        """
-        if not self.is_chat or not is_success(event.status):
+    def _watch(self, status: int, media: str) -> ResponseMode | None:
+        """The body mode when there is something to write and it can be edited, else ``None``."""
+        if not self._chat or not route.is_success(status) or not self._worth_watching:
             return None
-        if self._known_inactive and not self.policy.scrub:
-            return None
-        media = media_type(event.content_type)
-        if media == SSE_TYPE:
+        if media == route.SSE_TYPE:
             return ResponseMode.STREAMED
         if media == "application/json" or media.endswith("+json"):
             return ResponseMode.BUFFERED
         return None
 
+    @property
+    def _worth_watching(self) -> bool:
+        known_inactive = self.classification is not None and self.classification.split is None
+        return self.policy.scrub or not known_inactive
+
+    def _unwatched(self, status: int) -> Step:
+        self.state = State.PASSTHROUGH
+        if self._accounted and not route.is_success(status):
+            self._settle(end_of_stream=False, usage_seen=False)
+            self.state = State.PASSTHROUGH
+        return CONTINUE
+
+    def _on_streamed_answer(self, event: ResponseBody) -> Step:
+        """Response headers skipped: the first chunk says the status; the answer is streamed."""
+        if event.status is None:
+            raise SessionStateError("response body before response headers, without a status")
+        self._status = event.status
+        if not self._chat or not route.is_success(self._status) or not self._worth_watching:
+            return self._unwatched(self._status)
+        if looks_like_sse(event.chunk) and (self._prepared is None or self._prepared.stream):
+            self._sse = SseAnswer()
+            self.state = State.SSE_BODY
+            return self._on_sse_body(event)
+        self.state = State.JSON_BODY
+        self._json_streamed = True
+        return self._on_json_body(event)
+
     def _on_json_body(self, event: ResponseBody) -> Step:
-        if not event.end_of_stream:
+        if not event.end_of_stream and not self._json_streamed:
             self.state = State.PASSTHROUGH  # Envoy did not buffer: leave it alone
             return CONTINUE
-        self._chunk = event.chunk
+        self._held.append(event.chunk)
+        if not event.end_of_stream:
+            return EmitChunk(b"")  # streamed JSON: held until it is whole
         if self.classification is not None:
             return self._finish_json()
         self.state = State.AWAIT_CLASSIFICATION
         return NEED_CLASSIFICATION
 
     def _finish_json(self) -> Action:
-        edit = usage.edit_json_body(self._chunk, self._rule)
-        self._decide(
-            end_of_stream=True,
-            usage_seen=edit.usage_seen,
-            error_seen=edit.error_seen,
-        )
-        self.state = State.DONE
-        return CONTINUE if edit.body is self._chunk else ReplaceBody(edit.body)
+        whole = self._held[0] if len(self._held) == 1 else b"".join(self._held)
+        edit = usage.edit_json_body(whole, self._rule)
+        self._settle(end_of_stream=True, usage_seen=edit.usage_seen, error_seen=edit.error_seen)
+        if self._json_streamed:
+            return (
+                EmitChunk(edit.body) if len(self._held) > 1 or edit.body is not whole else CONTINUE
+            )
+        return CONTINUE if edit.body is whole else ReplaceBody(edit.body)
 
     def _on_sse_body(self, event: ResponseBody) -> Step:
-        self._chunk, self._eos = event.chunk, event.end_of_stream
-        try:
-            self._backlog += self._sse.feed(event.chunk)
-        except sse.EventTooLarge as err:
-            self._backlog.append(sse.SseEvent(err.pending))
-        if self._eos:
-            self._backlog += self._sse.flush()
+        assert self._sse is not None
+        self._sse.feed(event.chunk, event.end_of_stream)
         return self._drain_sse()
 
     def _drain_sse(self) -> Step:
-        while self._backlog:
-            event = self._backlog[0]
-            if event.kind is sse.Kind.FINAL and self.classification is None:
-                if self._out and not self._eos:
-                    break  # send the tokens before it now; join on the next message
-                self.state = State.AWAIT_CLASSIFICATION
-                return NEED_CLASSIFICATION
-            self._out += self._emit(self._backlog.pop(0))
-        if self._eos:
-            self._decide_sse(end_of_stream=True)
-        return self._take_chunk()
+        answer = self._sse
+        assert answer is not None
+        out = answer.drain(self.classification is not None, self._rule)
+        if out is None:
+            self.state = State.AWAIT_CLASSIFICATION
+            return NEED_CLASSIFICATION
+        if answer.ended:
+            self._settle_stream()
+        return CONTINUE if out == answer.chunk else EmitChunk(out)
 
-    def _emit(self, event: sse.SseEvent) -> bytes:
-        if event.kind not in sse.USAGE_KINDS:
-            return event.raw
-        return self._sse.edit_usage_event(event, self._rule)
+    def _on_sse_trailers(self, _event: ResponseTrailers) -> Step:
+        self._settle_stream()
+        return CONTINUE
 
     @property
     def _rule(self) -> usage.UsageRule:
         return usage.UsageRule.of(self.classification, self.policy.scrub)
 
-    def _take_chunk(self) -> Action:
-        out, self._out = bytes(self._out), bytearray()
-        return CONTINUE if out == self._chunk else EmitChunk(out)
-
-    def _on_sse_trailers(self, _event: ResponseTrailers) -> Step:
-        self._decide_sse(end_of_stream=True)
-        return CONTINUE
-
-    def _decide_sse(self, end_of_stream: bool) -> None:
+    def _settle_stream(self) -> None:
+        assert self._sse is not None
         facts = self._sse.facts
-        self._decide(
-            end_of_stream=end_of_stream,
+        self._settle(
+            end_of_stream=True,
             usage_seen=facts.usage_seen,
             error_seen=facts.error_seen,
             oversized=facts.oversized,
         )
-        self.state = State.DONE
 
-    def _decide(self, **facts: bool) -> None:
-        self.verdict = verdict.decide(ResponseFacts(status=self.status, **facts))
+    def _settle(self, **facts: bool) -> Step:
+        decided = verdict.decide(ResponseFacts(status=self._status, **facts))
+        pending = None
+        if decided.commit and self.classification is not None:
+            pending = self.classification.pending
+        self._settled = True
+        self.state = State.DONE
+        self._effects.append(Settled(decided, pending, self._accounted))
+        return CONTINUE
 
     def _on_passthrough(self, _event: Event) -> Step:
         return CONTINUE
 
-
-def is_chat_request(method: str, path: str) -> bool:
-    """``POST`` to a path ending in ``/chat/completions``, query string excluded."""
-    return method == "POST" and path.partition("?")[0].endswith(CHAT_SUFFIX)
-
-
-def is_success(status: int) -> bool:
-    return 200 <= status < 300
-
-
-def media_type(content_type: str) -> str:
-    """``text/event-stream; charset=utf-8`` → ``text/event-stream``."""
-    return content_type.partition(";")[0].strip().lower()
-
-
-def bearer_token(authorization: str | None) -> str | None:
-    """The token of ``Bearer <t>`` or ``bearer <t>`` (value and token trimmed), else ``None``."""
-    if authorization is None:
-        return None
-    authorization = authorization.lstrip()
-    for scheme in ("Bearer ", "bearer "):
-        if authorization.startswith(scheme):
-            return authorization[len(scheme) :].strip() or None
-    return None
-
-
-def caller_from(headers: Mapping[str, str], keep: frozenset[str]) -> Caller:
-    """The caller: its bearer token and only the headers the principal source reads."""
-    kept = {name: value for name, value in headers.items() if name in keep}
-    return Caller(bearer_token(headers.get("authorization")), kept)
+    def _on_unknown_request(self, _event: ResponseHeaders) -> Step:
+        self.state = State.PASSTHROUGH
+        return CONTINUE
 
 
 _PASS_ALL: dict[type, _Handler] = dict.fromkeys(EVENT_TYPES, Session._on_passthrough)
 
 # Which event each state accepts, and who handles it; everything else is a protocol error.
 _TABLE: dict[State, dict[type, _Handler]] = {
-    State.REQUEST_HEADERS: {RequestHeaders: Session._on_request_headers},
+    State.REQUEST_HEADERS: {
+        RequestHeaders: Session._on_request_headers,
+        RequestBody: Session._on_body_first,  # request headers skipped
+        # Request headers skipped and no body message: a bodiless request, or a local reply
+        # (e.g. Envoy's 413) before the body. Nothing is known about the request: not ours.
+        ResponseHeaders: Session._on_unknown_request,
+    },
     State.REQUEST_BODY: {
         RequestBody: Session._on_request_body,
         RequestTrailers: Session._on_request_trailers,
         ResponseHeaders: Session._on_response_headers,  # a local reply (e.g. 413) before a body
     },
-    State.RESPONSE_HEADERS: {ResponseHeaders: Session._on_response_headers},
+    State.RESPONSE_HEADERS: {
+        ResponseHeaders: Session._on_response_headers,
+        ResponseBody: Session._on_streamed_answer,  # response headers skipped
+    },
     State.JSON_BODY: {ResponseBody: Session._on_json_body},
     State.SSE_BODY: {
         ResponseBody: Session._on_sse_body,
@@ -395,39 +390,3 @@ _TABLE: dict[State, dict[type, _Handler]] = {
     State.PASSTHROUGH: _PASS_ALL,
     State.DONE: {},
 }
-
-__all__ = [
-    "CHAT_SUFFIX",
-    "CONTINUE",
-    "EVENT_TYPES",
-    "NEED_CLASSIFICATION",
-    "SKIP_REST",
-    "SSE_TYPE",
-    "Action",
-    "ClassifyJob",
-    "Continue",
-    "EmitChunk",
-    "Event",
-    "NeedClassification",
-    "Reject",
-    "ReplaceBody",
-    "RequestBody",
-    "RequestHeaders",
-    "RequestTrailers",
-    "ResponseBody",
-    "ResponseHeaders",
-    "ResponseMode",
-    "ResponseTrailers",
-    "RewritePath",
-    "Session",
-    "SessionPolicy",
-    "SkipRest",
-    "State",
-    "Step",
-    "WatchResponse",
-    "bearer_token",
-    "caller_from",
-    "is_chat_request",
-    "is_success",
-    "media_type",
-]

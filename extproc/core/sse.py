@@ -7,12 +7,14 @@ Rules:
 * every byte fed comes out exactly once, in order and unchanged, in the ``raw`` of an event
   returned by ``feed`` or ``flush`` (or in ``EventTooLarge.pending``); the only bytes that
   are ever rewritten are a usage-bearing frame's, inside its ``usage`` value, and only by
-  ``edit_usage_event``;
+  ``edit_usage_event``: a payload written on several ``data:`` lines stays on several lines,
+  and only the lines the ``usage`` value spans become one (see ``_replace_data``);
 * framing does not depend on chunking: an event ends with its blank line, line endings
   ``\\n``, ``\\r\\n`` and ``\\r`` mixed freely; a blank line that ends in ``\\r`` at the end of
   the data waits for the next byte, which may make it ``\\r\\n``;
 * an event is JSON-parsed only when its bytes contain ``"error"`` or ``[DONE]``, or
-  ``"usage"`` other than as ``"usage":null``;
+  ``"usage"`` other than as ``"usage":null``; ``passes_whole`` says when a chunk of whole
+  events cannot matter at all (then it need not be fed);
 * a usage-bearing frame is one whose data is a JSON object with a ``usage`` object and no
   error; it is *final* (``Kind.FINAL``) when its ``choices`` is empty or absent or one of
   them has a ``finish_reason``, else ``Kind.USAGE`` (vLLM's continuous usage stats); an error
@@ -38,7 +40,7 @@ MAX_EVENT_BYTES = 64 * 1024
 _CR = 0x0D
 _EOL = re.compile(rb"\r\n|\r|\n")
 _BLANK_LINE = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
-_LINE = re.compile(rb"([^\r\n]*)(\r\n|\r|\n)")
+_LINE = re.compile(rb"([^\r\n]*)(\r\n|\r|\n|\Z)")
 _USAGE_KEY = b'"usage"'
 _USAGE_NULLS = (b'"usage":null', b'"usage": null')
 _LOOKBACK = 3  # a blank line is at most 4 bytes; resume its search this far before the end
@@ -115,6 +117,22 @@ class SseStream:
             ends.pop()  # its blank line may yet become "\r\n"
         self._check_size(data, ends)
         return self._take(data, ends)
+
+    def passes_whole(self, chunk: bytes) -> bool:
+        """Whether ``chunk`` is whole events that cannot matter, so it need not be framed.
+
+        Nothing held, no byte that could start a usage, error or ``[DONE]`` frame, and the
+        chunk ends with a blank line (``\\n\\n``): a caller may pass it on as it is (a few
+        byte scans instead of the framing regex, and no copy) without feeding it.
+        """
+        return (
+            not self._buf
+            and len(chunk) <= self._max
+            and chunk.endswith(b"\n\n")
+            and b"usage" not in chunk
+            and b"error" not in chunk
+            and b"[DONE]" not in chunk
+        )
 
     def flush(self) -> list[SseEvent]:
         """At end of stream: the held events, then any unterminated rest as a plain event.
@@ -258,24 +276,39 @@ def _is_data_line(line: bytes) -> bool:
     return line.startswith(b"data:") or line == b"data"
 
 
+def _data_value(line: bytes) -> bytes:
+    """A data line's value: after ``data:`` and one optional space."""
+    value = line[5:]
+    return value[1:] if value.startswith(b" ") else value
+
+
 def _data_payload(raw: bytes) -> bytes | None:
     """The event's data lines joined by ``\\n`` (SSE spec), or ``None`` without any."""
-    values = [line[5:] for line in _EOL.split(raw) if _is_data_line(line)]
+    values = [_data_value(line) for line in _EOL.split(raw) if _is_data_line(line)]
     if not values:
         return None
-    return b"\n".join(v[1:] if v.startswith(b" ") else v for v in values)
+    return b"\n".join(values)
 
 
 def _replace_data(raw: bytes, data: bytes) -> bytes:
-    """``raw`` with its data lines replaced, at the first one's place, by ``data``'s lines."""
-    parts: list[bytes] = []
-    placed = False
-    for line in _LINE.finditer(raw):
-        content, eol = line.group(1), line.group(2)
-        if not _is_data_line(content):
-            parts.append(line.group(0))
-        elif not placed:
-            prefix = b"data: " if content.startswith(b"data: ") else b"data:"
-            parts += [prefix + piece + eol for piece in data.split(b"\n")]
-            placed = True
+    """``raw`` with its data lines carrying ``data``; every line the edit did not reach is kept.
+
+    The edit only ever joins lines (the new usage is written on one line): the data lines from
+    the first changed one to the last one it swallowed become one line, in the last one's place,
+    with the first one's ``data:`` prefix and the last one's line ending, so no line ending
+    meets a different neighbour (a ``\\r`` never runs into a ``\\n``); every other line keeps
+    its bytes and order.
+    """
+    lines = list(_LINE.finditer(raw))
+    at = [i for i, line in enumerate(lines) if _is_data_line(line.group(1))]
+    old = [_data_value(lines[i].group(1)) for i in at]
+    new = data.split(b"\n")
+    changed = (k for k, (a, b) in enumerate(zip(old, new, strict=False)) if a != b)
+    first = next(changed, len(new) - 1)
+    last = first + len(old) - len(new)
+    parts = [line.group(0) for line in lines]
+    prefix = b"data: " if lines[at[first]].group(1).startswith(b"data: ") else b"data:"
+    for k in range(first, last):
+        parts[at[k]] = b""
+    parts[at[last]] = prefix + new[first] + lines[at[last]].group(2)
     return b"".join(parts)

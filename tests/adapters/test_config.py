@@ -15,10 +15,10 @@ from extproc.config import (
     PrincipalKind,
     PrincipalSource,
     Settings,
-    reply_budget_ms,
 )
 from extproc.core import codec
 from extproc.core.classify import EngineCache
+from extproc.core.defaults import reply_budget_ms
 from extproc.core.model import RequestPolicy, Tier, TierPolicy
 
 DB = "postgresql://extproc@127.0.0.1:5432/extproc"
@@ -133,6 +133,7 @@ INVALID = [
     pytest.param("METRICS_LISTEN", "on", id="metrics-bad"),
     pytest.param("SHUTDOWN_GRACE_S", "soon", id="grace-not-number"),
     pytest.param("WORKERS", "0", id="workers-zero"),
+    pytest.param("WORKERS", "automatic", id="workers-neither-number-nor-auto"),
     pytest.param("LOG_LEVEL", "chatty", id="log-level"),
     pytest.param("SWEEP_INTERVAL_S", "-5", id="sweep-negative"),
     pytest.param("TELEMETRY_PREFIXES", ",", id="telemetry-empty-list"),
@@ -196,6 +197,29 @@ def test_every_problem_reported_at_once() -> None:
 def test_workers_need_a_fixed_tcp_port(listen: str) -> None:
     with pytest.raises(ConfigError, match="EXTPROC_WORKERS=2: several workers"):
         settings(EXTPROC_WORKERS="2", EXTPROC_LISTEN=listen)
+
+
+@pytest.mark.parametrize(
+    ("cpus", "listen", "workers"),
+    [
+        pytest.param(4, "127.0.0.1:50051", 4, id="four-cpus"),
+        pytest.param(1, "unix:/run/x.sock", 1, id="one-cpu-on-a-unix-socket"),
+        pytest.param(1000, "127.0.0.1:50051", 256, id="capped"),
+    ],
+)
+def test_workers_auto_is_the_usable_cpus(
+    monkeypatch: pytest.MonkeyPatch, cpus: int, listen: str, workers: int
+) -> None:
+    monkeypatch.setattr("extproc.config.usable_cpus", lambda: cpus)
+    assert settings(EXTPROC_WORKERS="Auto", EXTPROC_LISTEN=listen).workers == workers
+
+
+def test_workers_auto_with_several_cpus_needs_a_fixed_tcp_port(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("extproc.config.usable_cpus", lambda: 4)
+    with pytest.raises(ConfigError, match=r"EXTPROC_WORKERS=auto \(4 CPUs\): several workers"):
+        settings(EXTPROC_WORKERS="auto", EXTPROC_LISTEN="unix:/run/x.sock")
 
 
 def test_empty_variable_means_default() -> None:

@@ -1,9 +1,9 @@
-"""The Envoy ext_proc messages from xds-protos round-trip and match the stubs in typings/."""
+"""The generated Envoy ext_proc messages (extproc/_envoy_api) round-trip through the wire format."""
 
-from envoy.config.core.v3 import base_pb2
-from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
-from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
-from envoy.type.v3 import http_status_pb2
+from extproc._envoy_api.envoy.config.core.v3 import base_pb2
+from extproc._envoy_api.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from extproc._envoy_api.envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
+from extproc._envoy_api.envoy.type.v3 import http_status_pb2
 
 
 def body_continue_with_header() -> ext_proc.ProcessingResponse:

@@ -120,7 +120,7 @@ def test_config_validation_refuses_what_the_parser_refuses(text: str, reason: st
 
 async def _answer_has_cache_fields(channel: grpc.aio.Channel, headers: dict[str, str]) -> bool:
     """One chat request through the server: does the answer get our cache fields?"""
-    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+    from extproc._envoy_api.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
     stream = EnvoySide(pb_grpc.ExternalProcessorStub(channel).Process())
     await stream.request_headers(**bearer(), **headers)

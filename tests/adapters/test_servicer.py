@@ -7,10 +7,10 @@ from typing import Any
 
 import grpc
 import pytest
-from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from grpc_health.v1 import health_pb2
 
+from extproc._envoy_api.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from extproc._envoy_api.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from extproc.adapters import servicer
 from extproc.app import App
 from extproc.config import Settings
@@ -465,7 +465,7 @@ async def test_health_follows_readiness_and_shutdown_waits_for_commits(
 
 
 def _stub(channel: grpc.aio.Channel) -> Any:
-    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+    from extproc._envoy_api.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
     return pb_grpc.ExternalProcessorStub(channel)
 

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from extproc.core import codec
-from extproc.core import session as s
-from extproc.core.errors import SessionStateError
+from extproc.core import phases as s
+from extproc.core.errors import ClientError, SessionStateError
 from extproc.core.model import (
     CacheEntry,
     Classification,
@@ -26,7 +26,77 @@ from extproc.core.model import (
     Tier,
     TierPolicy,
 )
+from extproc.core.request import Prepared
+from extproc.core.route import bearer_token
+from extproc.core.session import Session, SessionPolicy
 from extproc.core.verdict import Verdict, VetoReason
+
+
+class Driven:
+    """A session driven like the pump drives it: steps out, effects recorded in order."""
+
+    def __init__(self, policy: SessionPolicy) -> None:
+        self.session = Session(policy)
+        self.effects: list[s.Effect] = []
+        self._jobs_taken = 0
+
+    def receive(self, event: s.Event) -> s.Step:
+        return self._take(self.session.receive(event))
+
+    def resolve(self, classification: Classification) -> s.Step:
+        return self._take(self.session.resolve(classification))
+
+    def offer(self, classification: Classification) -> None:
+        self.session.offer(classification)
+
+    @property
+    def wants_classification(self) -> bool:
+        return self.session.wants_classification
+
+    def _take(self, turn: s.Turn) -> s.Step:
+        self.effects += turn.effects
+        return turn.step
+
+    def _of(self, kind: type[Any]) -> list[Any]:
+        return [e for e in self.effects if isinstance(e, kind)]
+
+    def take_job(self) -> s.ClassifyJob | None:
+        starts = self._of(s.StartClassify)
+        if len(starts) <= self._jobs_taken:
+            return None
+        self._jobs_taken += 1
+        job: s.ClassifyJob = starts[-1].job
+        return job
+
+    @property
+    def has_job(self) -> bool:
+        return bool(self._of(s.StartClassify))
+
+    @property
+    def prepared(self) -> Prepared | None:
+        starts = self._of(s.StartClassify)
+        return starts[-1].job.prepared if starts else None
+
+    @property
+    def rejected(self) -> ClientError | None:
+        found = self._of(s.Rejected)
+        return found[-1].error if found else None
+
+    @property
+    def verdict(self) -> Verdict | None:
+        found = self._of(s.Settled)
+        return found[-1].verdict if found else None
+
+    @property
+    def pending_commit(self) -> PendingWrite | None:
+        found = self._of(s.Settled)
+        return found[-1].pending if found else None
+
+    @property
+    def is_awaiting_response(self) -> bool:
+        """Whether the stream ending now would cut an accounted response short."""
+        return self.session.end().veto is not None
+
 
 CHAT = "/v1/chat/completions"
 AUTH = {"authorization": "Bearer sk-test", "x-tenant": "t1", "cookie": "c"}
@@ -60,21 +130,21 @@ MARKED = body(
 )
 
 
-def verdict_of(session: s.Session) -> Verdict:
+def verdict_of(session: Driven) -> Verdict:
     assert session.verdict is not None
     return session.verdict
 
 
-def wants(session: s.Session) -> bool:
+def wants(session: Driven) -> bool:
     """``wants_classification`` read through a call, so mypy does not keep an old narrowing."""
     return session.wants_classification
 
 
-def new_session(**policy: Any) -> s.Session:
-    return s.Session(s.SessionPolicy(**policy))
+def new_session(**policy: Any) -> Driven:
+    return Driven(SessionPolicy(**policy))
 
 
-def open_chat(raw: bytes = MARKED, headers: dict[str, str] | None = None) -> s.Session:
+def open_chat(raw: bytes = MARKED, headers: dict[str, str] | None = None) -> Driven:
     """A session that has accepted the request headers and ``raw`` as the request body."""
     session = new_session(caller_headers=frozenset({"x-tenant"}))
     assert (
@@ -113,7 +183,6 @@ def test_cacheability_is_decided_on_request_headers(method: str, path: str, chat
     session = new_session()
     step = session.receive(s.RequestHeaders(path, method, AUTH))
     assert step is (s.CONTINUE if chat else s.SKIP_REST)
-    assert session.is_chat is chat
 
 
 def test_non_chat_passes_every_later_message_untouched() -> None:
@@ -142,7 +211,7 @@ def test_non_chat_passes_every_later_message_untouched() -> None:
     ],
 )
 def test_bearer_token(header: str, bearer: str | None) -> None:
-    assert s.bearer_token(header) == bearer
+    assert bearer_token(header) == bearer
 
 
 def test_job_carries_bearer_and_only_configured_headers() -> None:
@@ -412,14 +481,14 @@ def test_local_reply_before_the_request_body() -> None:
 # ---- SSE responses ----
 
 
-def stream_session() -> s.Session:
+def stream_session() -> Driven:
     session = open_chat(MARKED)
     step = session.receive(s.ResponseHeaders(200, "text/event-stream"))
     assert step == s.WatchResponse(s.ResponseMode.STREAMED)
     return session
 
 
-def feed(session: s.Session, chunks: Sequence[bytes], classification: Classification) -> bytes:
+def feed(session: Driven, chunks: Sequence[bytes], classification: Classification) -> bytes:
     """Feed ``chunks`` (the last with eos); return what would reach the client."""
     out = b""
     for i, chunk in enumerate(chunks):
@@ -588,25 +657,25 @@ def test_sse_oversized_event_passes_through_and_vetoes() -> None:
 # ---- illegal sequences ----
 
 
-def _request_body_first() -> s.Session:
+def _request_body_first() -> Driven:
     session = new_session()
     session.receive(s.RequestBody(b"{}"))
     return session
 
 
-def _headers_twice() -> s.Session:
+def _headers_twice() -> Driven:
     session = open_chat()
     session.receive(s.RequestHeaders(CHAT, "POST", AUTH))
     return session
 
 
-def _response_body_before_headers() -> s.Session:
+def _response_body_before_headers() -> Driven:
     session = open_chat()
     session.receive(s.ResponseBody(b"{}", True))
     return session
 
 
-def _receive_while_awaiting() -> s.Session:
+def _receive_while_awaiting() -> Driven:
     session = open_chat()
     session.receive(s.ResponseHeaders(200, "application/json"))
     session.receive(s.ResponseBody(json_response(), True))
@@ -614,13 +683,13 @@ def _receive_while_awaiting() -> s.Session:
     return session
 
 
-def _resolve_unasked() -> s.Session:
+def _resolve_unasked() -> Driven:
     session = open_chat()
     session.resolve(ACTIVE)
     return session
 
 
-def _after_json_end() -> s.Session:
+def _after_json_end() -> Driven:
     session = open_chat()
     session.receive(s.ResponseHeaders(200, "application/json"))
     session.receive(s.ResponseBody(json_response(), True))
@@ -629,7 +698,7 @@ def _after_json_end() -> s.Session:
     return session
 
 
-def _trailers_on_json() -> s.Session:
+def _trailers_on_json() -> Driven:
     session = open_chat()
     session.receive(s.ResponseHeaders(200, "application/json"))
     session.receive(s.ResponseTrailers())
@@ -668,7 +737,7 @@ def _split(data: st.DataObject, raw: bytes) -> list[bytes]:
     return [raw[a:b] for a, b in itertools.pairwise(edges) if a < b]
 
 
-def _answer(session: s.Session, event: s.Event, classification: Classification) -> s.Action:
+def _answer(session: Driven, event: s.Event, classification: Classification) -> s.Action:
     step = session.receive(event)
     if step is s.NEED_CLASSIFICATION:
         return session.resolve(classification)
@@ -787,3 +856,82 @@ def test_usage_frames_after_an_early_classification_get_the_split_at_once() -> N
     step = session.receive(s.ResponseBody(sse(ROLE_CHUNK, TOKEN_CHUNK, FINISH_CHUNK)))
     assert isinstance(step, s.EmitChunk)
     assert [u["cache_creation_input_tokens"] for u in _frames_usage(step.data)] == [12, 12, 12]
+
+
+# ---- layouts without request headers, or without response headers ----
+
+
+def _attributes(path: str = CHAT, **headers: str) -> dict[str, str]:
+    found = {"request.path": path, "request.method": "POST", "request.id": "req-7"}
+    found |= {f"request.headers['{name}']": value for name, value in headers.items()}
+    return found
+
+
+BODY_FIRST = _attributes(authorization="Bearer sk-test", **{"x-tenant": "t1"})
+
+
+def test_body_first_takes_the_request_from_its_attributes() -> None:
+    session = new_session(caller_headers=frozenset({"x-tenant"}))
+    step = session.receive(s.RequestBody(MARKED, attributes=BODY_FIRST))
+    assert isinstance(step, s.ReplaceBody)
+    job = session.take_job()
+    assert job is not None
+    assert (job.caller.bearer, dict(job.caller.headers)) == ("sk-test", {"x-tenant": "t1"})
+    assert session.session.request_id == "req-7"
+
+
+def test_body_first_without_a_bearer_is_inactive() -> None:
+    session = new_session()
+    attributes = {k: v for k, v in BODY_FIRST.items() if "authorization" not in k}
+    session.receive(s.RequestBody(MARKED, attributes=attributes))
+    assert session.take_job() is None
+    assert [type(e) for e in session.effects] == [s.RequestRead, s.Classified]
+
+
+def test_body_first_for_another_route_passes_everything() -> None:
+    session = new_session()
+    assert (
+        session.receive(s.RequestBody(MARKED, attributes=_attributes("/v1/models"))) is s.CONTINUE
+    )
+    assert session.receive(s.ResponseHeaders(200, "application/json")) is s.CONTINUE
+    assert session.effects == []
+
+
+def test_body_first_cannot_remove_the_breakpoint_parameter() -> None:
+    session = new_session()
+    path = CHAT + "?cacheBreakpoint=lastUserMessage"
+    step = session.receive(
+        s.RequestBody(MARKED, attributes=_attributes(path, authorization="Bearer k"))
+    )
+    assert isinstance(step, s.Reject)
+    assert codec.loads(step.body)["error"]["code"] == "invalid_cache_breakpoint"
+
+
+def test_streamed_json_is_held_until_whole_then_edited() -> None:
+    session = open_chat()
+    first, rest = json_response()[:10], json_response()[10:]
+    assert session.receive(s.ResponseBody(first, status=200)) == s.EmitChunk(b"")
+    assert session.receive(s.ResponseBody(rest, True)) is s.NEED_CLASSIFICATION
+    step = session.resolve(ACTIVE)
+    assert isinstance(step, s.EmitChunk)
+    assert codec.loads(step.data)["usage"]["cache_creation_input_tokens"] == 12
+    assert session.pending_commit == PENDING
+
+
+def test_streamed_sse_without_response_headers_is_edited_frame_by_frame() -> None:
+    session = open_chat(body(stream=True))
+    session.offer(ACTIVE)
+    out = b""
+    for i, chunk in enumerate([sse(CHUNK), sse(USAGE_FRAME), sse(b"[DONE]")]):
+        status = 200 if i == 0 else None
+        step = session.receive(s.ResponseBody(chunk, i == 2, status))
+        out += chunk if step is s.CONTINUE else _emitted(step)
+    usage = codec.loads(out.split(b"\n\n")[1].removeprefix(b"data: "))["usage"]
+    assert usage["cache_creation_input_tokens"] == 12
+    assert session.pending_commit == PENDING
+
+
+def test_streamed_error_answer_without_response_headers_is_vetoed() -> None:
+    session = open_chat()
+    assert session.receive(s.ResponseBody(b'{"error": {}}', True, 503)) is s.CONTINUE
+    assert verdict_of(session).veto is VetoReason.NON_2XX

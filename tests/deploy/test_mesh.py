@@ -12,9 +12,10 @@ import httpx
 import pytest
 import yaml
 
-from extproc.config import Settings, reply_budget_ms
+from extproc.config import Settings
+from extproc.core.defaults import reply_budget_ms
 from extproc.devstack import free_port
-from extproc.envoyconf import EnvoyOptions, render, template_text
+from extproc.envoyconf import EnvoyOptions, Layout, render
 from extproc.principals import DEFAULT_PRINCIPAL_HEADER
 from extproc.stripping import stripping_of
 from extproc.upstream import UpstreamSettings, bound_port, start_upstream
@@ -45,7 +46,8 @@ def patches() -> dict[str, dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def bootstrap() -> dict[str, Any]:
-    config: dict[str, Any] = yaml.safe_load(template_text())
+    """The shipped bootstrap in the layout the mesh files use: every phase sent."""
+    config: dict[str, Any] = yaml.safe_load(render(EnvoyOptions(layout=Layout.HEADERS_FIRST)))
     return config
 
 

@@ -683,9 +683,10 @@ def test_stream_edits_only_the_usage_frames(stack: Stack, nl: str, data: str, sp
     client, upstream = split_events(result.body), split_events(raw.encode())
     assert len(client) == len(upstream) == 5
     changed = [i for i, (a, b) in enumerate(zip(client, upstream, strict=True)) if a != b]
-    # The final usage frame waits for the split; the earlier one (usage with tokens still to
+    # Events: a comment, two content frames (the second with usage), the final usage frame,
+    # [DONE]. The final usage frame waits for the split; the earlier usage (tokens still to
     # come) never waits: it carries the split only if classification was already done.
-    assert changed in ([2], [1, 2])
+    assert changed in ([3], [2, 3])
     for i in changed:
         assert client[i].startswith(data.encode())
         assert client[i].endswith((nl + nl).encode())
@@ -694,7 +695,7 @@ def test_stream_edits_only_the_usage_frames(stack: Stack, nl: str, data: str, sp
             k: v for k, v in original.items() if k != "usage"
         }
         assert edited["usage"]["cache_creation_input_tokens"] > 0
-    assert event_json(client[2])["usage"]["prompt_tokens"] == UPSTREAM_USAGE["prompt_tokens"]
+    assert event_json(client[3])["usage"]["prompt_tokens"] == UPSTREAM_USAGE["prompt_tokens"]
     assert "content-length" not in result.headers
 
 

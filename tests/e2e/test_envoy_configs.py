@@ -15,6 +15,7 @@ from extproc.config import Settings
 from extproc.envoyconf import (
     EnvoyConfError,
     EnvoyOptions,
+    Layout,
     fail_open_text,
     render,
     template_text,
@@ -115,7 +116,7 @@ def test_rendered_limits_follow_the_body_limit() -> None:
         if "request_body_buffer_limit" in r
     ]
     assert listener["per_connection_buffer_limit_bytes"] == 300_000
-    assert limits == [300_000, 300_000]
+    assert limits == [300_000, 300_000, 300_000]  # the chat routes, the breakpoint one too
     assert _ext_proc(config)["message_timeout"] == "2s"
     assert _ext_proc(config)["max_message_timeout"] == "30s"
 
@@ -209,3 +210,32 @@ def test_allowed_override_modes_are_complete_tuples(
         "response_trailer_mode": "SKIP",
     }
     assert expected in allowed
+
+
+@pytest.mark.parametrize(
+    ("layout", "request_headers", "response_headers", "response_body"),
+    [
+        pytest.param(Layout.BODY_FIRST, "SKIP", "SEND", "NONE", id="body-first"),
+        pytest.param(Layout.HEADERS_FIRST, "SEND", "SEND", "NONE", id="headers-first"),
+        pytest.param(Layout.STREAMED, "SKIP", "SKIP", "STREAMED", id="streamed"),
+    ],
+)
+def test_layouts_set_the_processing_modes(
+    layout: Layout, request_headers: str, response_headers: str, response_body: str
+) -> None:
+    config = yaml.safe_load(render(EnvoyOptions(layout=layout, principal_header="x-tenant")))
+    ext_proc = _ext_proc(config)
+    mode = ext_proc["processing_mode"]
+    assert (mode["request_header_mode"], mode["response_header_mode"]) == (
+        request_headers,
+        response_headers,
+    )
+    assert mode["response_body_mode"] == response_body
+    assert "request.headers['x-tenant']" in ext_proc["request_attributes"]
+    assert "request.headers['authorization']" in ext_proc["request_attributes"]
+    routes = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"
+    ]["route_config"]["virtual_hosts"][0]["routes"]
+    (breakpoint_route,) = [r for r in routes if r["name"] == "chat_completions_breakpoint"]
+    override = breakpoint_route["typed_per_filter_config"]["envoy.filters.http.ext_proc"]
+    assert override["overrides"]["processing_mode"]["request_header_mode"] == "SEND"

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 
 import grpc
 import pytest
-from envoy.config.core.v3 import base_pb2
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader, Metric, NumberDataPoint
 
+from extproc._envoy_api.envoy.config.core.v3 import base_pb2
+from extproc._envoy_api.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from extproc._envoy_api.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from extproc.adapters import servicer
 from extproc.adapters.telemetry import METER_NAME, Metrics, meter_provider
 from extproc.core.classify import ClassifyPorts

