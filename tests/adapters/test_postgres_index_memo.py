@@ -7,7 +7,6 @@ nothing here waits for time to pass except the 0.5 s deadlines of lookups into a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import psycopg
@@ -16,7 +15,7 @@ import pytest
 from extproc.adapters.breaker import Breaker, BreakerPolicy, BreakerState, CircuitOpen
 from extproc.adapters.index_memo import IndexMemo, MemoPolicy
 from extproc.adapters.pg_index import PgPrefixIndex
-from extproc.adapters.postgres import Pool, open_pool
+from extproc.adapters.postgres import Pool
 from extproc.core.errors import DependencyError
 from extproc.core.model import CacheEntry, IndexHit, PendingWrite, PrincipalId, Scope, Tier
 from tests.adapters.test_postgres_index import SCOPE, h, insert, seconds_left
@@ -29,15 +28,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-async def proxied_pool(proxied_url: str) -> AsyncIterator[Pool]:
-    pool = await open_pool(proxied_url, min_size=1, max_size=2, timeout=1.0)
-    try:
-        yield pool
-    finally:
-        await pool.close(timeout=1.0)
 
 
 def memo(ttl: float = 60.0, clock: Clock | None = None) -> IndexMemo:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import psycopg
@@ -19,7 +18,7 @@ from extproc.adapters.pg_resolvers import (
     build_principal_resolver,
     key_hash,
 )
-from extproc.adapters.postgres import Pool, open_pool
+from extproc.adapters.postgres import Pool
 from extproc.core.errors import DependencyError
 from extproc.core.model import Caller, ModelConfig, PrincipalId
 from extproc.principals import parse_principal_source
@@ -208,15 +207,6 @@ async def test_concurrent_model_misses_share_one_query(pg_pool: Pool, database_u
     answers = await asyncio.gather(*(resolver.model_config("m") for _ in range(10)))
     assert answers == [ModelConfig("m", 64)] * 10
     assert resolver.memo_stats().misses == 1
-
-
-@pytest.fixture
-async def proxied_pool(proxied_url: str) -> AsyncIterator[Pool]:
-    pool = await open_pool(proxied_url, min_size=1, max_size=2, timeout=1.0)
-    try:
-        yield pool
-    finally:
-        await pool.close(timeout=1.0)
 
 
 async def test_a_stale_principal_is_served_while_the_database_is_frozen(

@@ -303,12 +303,20 @@ async def held_tokenizer(tmp_path: Path, queue_limit: int) -> tuple[EmbeddedToke
     return embedded, held
 
 
-async def test_a_count_that_finds_the_queue_full_fails_at_once(tmp_path):
-    embedded, held = await held_tokenizer(tmp_path, queue_limit=1)
+async def running_and_queued(
+    embedded: EmbeddedTokenizer, held: HeldEncoder
+) -> tuple[asyncio.Task[TokenCounts], asyncio.Task[TokenCounts]]:
+    """One count running (held) in the only thread, and one waiting for it."""
     running = asyncio.create_task(embedded.count("m", ["a"]))
     assert await asyncio.to_thread(held.running.wait, 30)
-    waiting = asyncio.create_task(embedded.count("m", ["b b"]))
+    queued = asyncio.create_task(embedded.count("m", ["b b"]))
     await asyncio.sleep(0)
+    return running, queued
+
+
+async def test_a_count_that_finds_the_queue_full_fails_at_once(tmp_path):
+    embedded, held = await held_tokenizer(tmp_path, queue_limit=1)
+    running, waiting = await running_and_queued(embedded, held)
     with pytest.raises(DependencyError, match="queue is full"):
         await embedded.count("m", ["c c c"])
     held.release.set()
@@ -321,10 +329,7 @@ async def test_a_count_that_finds_the_queue_full_fails_at_once(tmp_path):
 async def test_a_count_given_up_while_queued_never_runs(tmp_path):
     """A classification abandoned at its deadline stops its queued tokenization."""
     embedded, held = await held_tokenizer(tmp_path, queue_limit=1)
-    running = asyncio.create_task(embedded.count("m", ["a"]))
-    assert await asyncio.to_thread(held.running.wait, 30)
-    abandoned = asyncio.create_task(embedded.count("m", ["b b"]))
-    await asyncio.sleep(0)
+    running, abandoned = await running_and_queued(embedded, held)
     abandoned.cancel()
     with pytest.raises(asyncio.CancelledError):
         await abandoned
