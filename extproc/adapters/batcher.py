@@ -7,8 +7,9 @@ Rules:
 * a submitter awaits only its own item's future, under its own deadline: at the deadline, or
   when it is cancelled, it stops waiting at once; an item given up before a flusher took it
   is left out of the batch;
-* a batch's outcome is each of its items' outcome; a ``DependencyError`` fails them all, any
-  other exception is a bug: logged, and the items fail with a ``DependencyError``;
+* ``run`` answers a batch with one result per item, in order; a ``DependencyError`` fails
+  them all, any other exception is a bug: logged, and the items fail with a
+  ``DependencyError``;
 * ``aclose`` stops the flushers; an item still queued, or submitted later, fails.
 """
 
@@ -23,18 +24,19 @@ from typing import Generic, TypeVar
 from extproc.core.errors import DependencyError
 
 Item = TypeVar("Item")
+Result = TypeVar("Result")
 
 _log = logging.getLogger(__name__)
-_Queued = tuple[Item, "asyncio.Future[None]"]
+_Queued = tuple[Item, "asyncio.Future[Result]"]
 
 
-class Batcher(Generic[Item]):
+class Batcher(Generic[Item, Result]):
     """Runs submitted items through ``run`` in batches; see the module docstring."""
 
     def __init__(
         self,
         name: str,
-        run: Callable[[Sequence[Item]], Awaitable[None]],
+        run: Callable[[Sequence[Item]], Awaitable[Sequence[Result]]],
         *,
         flushers: int = 2,
         max_batch: int = 64,
@@ -43,26 +45,26 @@ class Batcher(Generic[Item]):
         self._run = run
         self._flushers = flushers
         self._max_batch = max_batch
-        self._queue: deque[_Queued[Item]] = deque()
+        self._queue: deque[_Queued[Item, Result]] = deque()
         self._idle: deque[asyncio.Future[None]] = deque()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self.batches = 0
         self.items = 0
 
-    async def submit(self, item: Item, limit: float) -> None:
-        """Queue ``item`` and wait up to ``limit`` seconds for its batch to succeed."""
+    async def submit(self, item: Item, limit: float) -> Result:
+        """Queue ``item``; its result, once its batch ran (waiting ``limit`` seconds at most)."""
         if self._closed:
             raise DependencyError(f"{self._name}: closed")
         loop = asyncio.get_running_loop()
         if not self._tasks:
             self._start(loop)
-        done: asyncio.Future[None] = loop.create_future()
+        done: asyncio.Future[Result] = loop.create_future()
         self._queue.append((item, done))
         self._wake_one()
         try:
             async with asyncio.timeout(limit):
-                await done
+                return await done
         except TimeoutError:
             raise DependencyError(f"{self._name}: no answer within {limit:g}s") from None
 
@@ -101,36 +103,39 @@ class Batcher(Generic[Item]):
             self._idle.append(wake)
             await wake
 
-    def _take(self) -> list[_Queued[Item]]:
-        batch: list[_Queued[Item]] = []
+    def _take(self) -> list[_Queued[Item, Result]]:
+        batch: list[_Queued[Item, Result]] = []
         while self._queue and len(batch) < self._max_batch:
             queued = self._queue.popleft()
             if not queued[1].done():
                 batch.append(queued)
         return batch
 
-    async def _flush(self, batch: list[_Queued[Item]]) -> None:
+    async def _flush(self, batch: list[_Queued[Item, Result]]) -> None:
         self.batches += 1
         self.items += len(batch)
+        results: Sequence[Result] = ()
         failure: str | None = f"{self._name}: closed"
         try:
-            await self._run([item for item, _ in batch])
-            failure = None
+            results = await self._run([item for item, _ in batch])
+            failure = None if len(results) == len(batch) else f"{self._name}: results lost"
         except DependencyError as exc:
             failure = str(exc)
         except Exception:
             _log.exception("%s: batch failed unexpectedly", self._name)
             failure = f"{self._name}: batch failed"
         finally:
-            _settle(batch, failure)
+            _settle(batch, results, failure)
 
 
-def _settle(batch: list[_Queued[Item]], failure: str | None) -> None:
-    """Each waiting item's outcome: done, or failed with ``failure``."""
-    for _item, done in batch:
+def _settle(
+    batch: list[_Queued[Item, Result]], results: Sequence[Result], failure: str | None
+) -> None:
+    """Each waiting item's outcome: its result, or failed with ``failure``."""
+    for index, (_item, done) in enumerate(batch):
         if done.done():
             continue
         if failure is None:
-            done.set_result(None)
+            done.set_result(results[index])
         else:
             done.set_exception(DependencyError(failure))

@@ -1,12 +1,13 @@
 """The prefix index in PostgreSQL's ``prompt_cache_entries``, with its memory in front.
 
 Rules:
-* a lookup is answered from ``IndexMemo`` when its rules allow, else in one round trip that
-  also says how long each hit has left; every hit read from PostgreSQL is remembered;
+* a lookup is answered from ``IndexMemo`` when its rules allow, else by PostgreSQL, which also
+  says how long each hit has left; every hit read from PostgreSQL is remembered;
 * a commit writes the new entries and, unless the memo says it can wait, the refreshed read,
   in one upsert (so atomically); a commit left with nothing to write makes no round trip;
-* concurrent commits are coalesced: up to 64 of them become one statement, at most two such
-  statements in flight (``Batcher``); what a commit wrote is remembered once it succeeded;
+* concurrent lookups, and concurrent commits, are coalesced (``Batcher``): up to 64 become one
+  statement, at most two statements of each kind in flight; what a commit wrote is
+  remembered once it succeeded;
 * lookups and commits go through the database's breaker, when there is one, and fail at once
   while it is open (a hit in memory is still served);
 * hashes and counts travel as binary parameters (no text escaping of ``bytea``).
@@ -27,13 +28,28 @@ from extproc.core.model import CacheEntry, IndexHit, PendingWrite, PrefixHash, S
 
 Timed = Callable[[str], AbstractContextManager[None]]
 
-_LOOKUP = """
+# One lookup's candidates: ``n`` numbers the hashes.
+_LOOKUP_ONE = """
 SELECT q.n, e.cumulative_token_count, e.ttl_tier,
        extract(epoch FROM e.expires_at - now())::float8
 FROM unnest(%b::bytea[]) WITH ORDINALITY AS q(prefix_hash, n)
 JOIN prompt_cache_entries e ON e.prefix_hash = q.prefix_hash
 WHERE e.principal_id = %b AND e.virtual_model = %b AND e.tokenizer_version = %b
   AND e.expires_at > now()
+"""
+
+# The candidates of many lookups in one statement: row ``n`` of the hashes belongs to lookup
+# ``item``, whose scope is row ``item`` of the scopes.
+_LOOKUP = """
+SELECT q.n, e.cumulative_token_count, e.ttl_tier,
+       extract(epoch FROM e.expires_at - now())::float8
+FROM unnest(%b::int4[], %b::bytea[]) WITH ORDINALITY AS q(item, prefix_hash, n)
+JOIN unnest(%b::text[], %b::text[], %b::text[]) WITH ORDINALITY
+    AS s(principal_id, virtual_model, tokenizer_version, item) ON s.item = q.item
+JOIN prompt_cache_entries e ON e.principal_id = s.principal_id
+    AND e.virtual_model = s.virtual_model AND e.tokenizer_version = s.tokenizer_version
+    AND e.prefix_hash = q.prefix_hash
+WHERE e.expires_at > now()
 """
 
 # New entries and refreshed reads of many commits in one statement. A refreshed entry is
@@ -52,8 +68,8 @@ SET cumulative_token_count = EXCLUDED.cumulative_token_count,
     expires_at = EXCLUDED.expires_at
 """
 
-COMMIT_BATCH = 64
-COMMIT_FLUSHERS = 2
+BATCH = 64
+FLUSHERS = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +78,18 @@ class _Write:
 
     scope: Scope
     entries: tuple[CacheEntry, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Lookup:
+    """One lookup's candidates."""
+
+    scope: Scope
+    hashes: Sequence[PrefixHash]
+
+
+# A hit as the lookup statement reports it: the candidate, its count, tier and seconds left.
+_Row = tuple[PrefixHash, int, str, float]
 
 
 def _untimed(_name: str) -> AbstractContextManager[None]:
@@ -85,14 +113,22 @@ class PgPrefixIndex:
         self.memo = memo or IndexMemo()
         self._breaker = breaker
         self._timed = timed
-        self._commits: Batcher[_Write] = Batcher(
-            "index commit", self._upsert, flushers=COMMIT_FLUSHERS, max_batch=COMMIT_BATCH
+        self._lookups: Batcher[_Lookup, list[_Row]] = Batcher(
+            "index lookup", self._select, flushers=FLUSHERS, max_batch=BATCH
+        )
+        self._commits: Batcher[_Write, None] = Batcher(
+            "index commit", self._upsert, flushers=FLUSHERS, max_batch=BATCH
         )
 
     @property
     def commit_batches(self) -> tuple[int, int]:
         """Statements the coalesced commits needed so far, and the commits they carried."""
         return self._commits.batches, self._commits.items
+
+    @property
+    def lookup_batches(self) -> tuple[int, int]:
+        """Statements the coalesced lookups needed so far, and the lookups they carried."""
+        return self._lookups.batches, self._lookups.items
 
     async def lookup(self, scope: Scope, hashes: Sequence[PrefixHash]) -> Sequence[IndexHit]:
         if not hashes:
@@ -101,25 +137,32 @@ class PgPrefixIndex:
         if known is not None:
             return [known]
         sent_at = self.memo.clock()
+        lookup = _Lookup(scope, hashes)
         with self._timed("lookup"):
-            rows = await through(self._breaker, lambda: self._select(scope, hashes))
+            rows = await through(self._breaker, lambda: self._lookups.submit(lookup, self._timeout))
         hits = []
-        for number, tokens, tier, left in rows:
-            hit = IndexHit(hashes[number - 1], tokens, Tier(tier))
+        for prefix_hash, tokens, tier, left in rows:
+            hit = IndexHit(prefix_hash, tokens, Tier(tier))
             self.memo.learn(scope, hit, sent_at + left, sent_at)
             hits.append(hit)
         return hits
 
-    async def _select(
-        self, scope: Scope, hashes: Sequence[PrefixHash]
-    ) -> list[tuple[int, int, str, float]]:
-        params = (list(hashes), scope.principal_id, scope.virtual_model, scope.tokenizer_version)
+    async def _select(self, lookups: Sequence[_Lookup]) -> list[list[_Row]]:
+        items: list[int] = []
+        hashes: list[PrefixHash] = []
+        for number, lookup in enumerate(lookups, start=1):
+            items += [number] * len(lookup.hashes)
+            hashes += lookup.hashes
+        sql, params = _lookup_statement(lookups, items, hashes)
 
         async def select(conn: Connection) -> list[tuple[int, int, str, float]]:
-            cursor = await conn.execute(_LOOKUP, params)
+            cursor = await conn.execute(sql, params)
             return await cursor.fetchall()
 
-        return await self._db.run("index lookup", self._timeout, select)
+        found: list[list[_Row]] = [[] for _ in lookups]
+        for n, tokens, tier, left in await self._db.run("index lookup", self._timeout, select):
+            found[items[n - 1] - 1].append((hashes[n - 1], tokens, tier, left))
+        return found
 
     async def commit(self, pending: PendingWrite) -> None:
         entries = self._entries_to_write(pending)
@@ -131,7 +174,8 @@ class PgPrefixIndex:
         self.memo.wrote(pending.scope, entries, sent_at)
 
     async def aclose(self) -> None:
-        """Stop coalescing commits (call after the pending ones were drained)."""
+        """Stop coalescing (call after the pending commits were drained)."""
+        await self._lookups.aclose()
         await self._commits.aclose()
 
     def _entries_to_write(self, pending: PendingWrite) -> tuple[CacheEntry, ...]:
@@ -146,13 +190,38 @@ class PgPrefixIndex:
             by_hash[entry.prefix_hash] = entry
         return tuple(by_hash.values())
 
-    async def _upsert(self, writes: Sequence[_Write]) -> None:
+    async def _upsert(self, writes: Sequence[_Write]) -> list[None]:
         params = _upsert_params(writes)
 
         async def upsert(conn: Connection) -> None:
             await conn.execute(_UPSERT, params)
 
         await self._db.run("index commit", self._timeout, upsert)
+        return [None] * len(writes)
+
+
+def _lookup_statement(
+    lookups: Sequence[_Lookup], items: list[int], hashes: list[PrefixHash]
+) -> tuple[str, tuple[object, ...]]:
+    """The statement for a batch: one lookup's is simpler (fewer arrays to send)."""
+    if len(lookups) == 1:
+        scope = lookups[0].scope
+        return _LOOKUP_ONE, (
+            hashes,
+            scope.principal_id,
+            scope.virtual_model,
+            scope.tokenizer_version,
+        )
+    return _LOOKUP, (items, hashes, *_scope_columns([lookup.scope for lookup in lookups]))
+
+
+def _scope_columns(scopes: Sequence[Scope]) -> tuple[list[str], list[str], list[str]]:
+    """The principal, model and tokenizer version arrays of ``scopes``."""
+    return (
+        [scope.principal_id for scope in scopes],
+        [scope.virtual_model for scope in scopes],
+        [scope.tokenizer_version for scope in scopes],
+    )
 
 
 def _upsert_params(writes: Sequence[_Write]) -> tuple[list[object], ...]:

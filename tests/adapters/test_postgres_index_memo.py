@@ -167,8 +167,22 @@ async def test_concurrent_commits_share_one_statement(pg_pool: Pool, database_ur
     await idx.aclose()
 
 
-async def test_a_lookup_runs_in_its_callers_task(proxied_pool: Pool, pg_proxy: TcpProxy) -> None:
-    """A stalled lookup awaits its statement itself: no task was started for it."""
+async def test_concurrent_lookups_share_one_statement_and_never_mix_scopes(
+    pg_pool: Pool, database_url: str
+) -> None:
+    idx = index(pg_pool, memo(ttl=0.0))
+    scopes = [Scope(PrincipalId(f"tenant-{i}"), "m", "v") for i in range(20)]
+    for i, scope in enumerate(scopes):
+        if i % 2 == 0:  # the same hash in every other scope, each with its own count
+            insert(database_url, scope, "p0", i, "5 minutes")
+    found = await asyncio.gather(*(idx.lookup(s, [h("p0"), h("p1")]) for s in scopes))
+    assert found == [[IndexHit(h("p0"), i, Tier.M5)] if i % 2 == 0 else [] for i in range(20)]
+    assert idx.lookup_batches == (1, 20)
+    await idx.aclose()
+
+
+async def test_a_lookup_starts_no_task_of_its_own(proxied_pool: Pool, pg_proxy: TcpProxy) -> None:
+    """A stalled lookup waits for a long-lived flusher: no task was started for it."""
     idx = index(proxied_pool, memo())
     assert await idx.lookup(SCOPE, [h("p0")]) == []  # the pool has a working connection
     pg_proxy.stall()
