@@ -4,8 +4,9 @@ Rules:
 * at most ``max_size`` keys, the least recently used goes first;
 * an answer is fresh for ``ttl`` seconds; then, for ``stale_for`` more seconds, it is still
   served at once while one refresh runs in the background, so nobody waits for a slow or
-  failing source; a successful refresh replaces it, a failed one leaves it (and the next
-  call past the TTL tries again); after that it is gone;
+  failing source; a successful refresh replaces it, a failed one leaves it and the next
+  refresh waits ``REFRESH_PAUSE_S`` (one failure logged a second, not one a request); after
+  that it is gone;
 * single flight: concurrent callers of a key that has no answer share one load; a caller
   that gives up (cancelled) hands the load to the others; a failure reaches every caller
   that shared it and is not memoised;
@@ -20,7 +21,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
 from extproc.core.errors import DependencyError
@@ -31,6 +32,8 @@ Clock = Callable[[], float]
 Load = Callable[[], Awaitable[V]]
 
 _log = logging.getLogger(__name__)
+
+REFRESH_PAUSE_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,10 +49,11 @@ class MemoStats:
 
 @dataclass(frozen=True, slots=True)
 class Memoised(Generic[V]):
-    """A memoised answer and when it goes stale (on the memo's clock)."""
+    """A memoised answer, when it goes stale and when it may next be refreshed (memo clock)."""
 
     value: V
     stale_at: float
+    refresh_at: float = 0.0
 
 
 class _Abandoned(DependencyError):
@@ -103,7 +107,8 @@ class TtlMemo(Generic[K, V]):
                 return item.value
             if late < self._stale_for:
                 self.stale += 1
-                self._refresh(key, load)
+                if item.refresh_at <= self._clock():
+                    self._refresh(key, load)
                 return item.value
         return await self._load(key, load)
 
@@ -125,8 +130,12 @@ class TtlMemo(Generic[K, V]):
 
     def _refreshed(self, key: K, task: asyncio.Task[V]) -> None:
         del self._refreshing[key]
-        if not task.cancelled() and task.exception() is not None:
-            _log.warning("memo refresh failed: %s", task.exception())
+        if task.cancelled() or task.exception() is None:
+            return
+        _log.warning("memo refresh failed: %s", task.exception())
+        item = self._items.get(key)
+        if item is not None:
+            self._items[key] = replace(item, refresh_at=self._clock() + REFRESH_PAUSE_S)
 
     async def _load(self, key: K, load: Load[V]) -> V:
         while (shared := self._loading.get(key)) is not None:

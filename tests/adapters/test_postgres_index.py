@@ -75,9 +75,11 @@ def count_rows(url: str) -> int:
 
 
 @pytest.fixture
-def index(pg_pool: Pool) -> PgPrefixIndex:
+async def index(pg_pool: Pool) -> AsyncIterator[PgPrefixIndex]:
     """The index with its memory never answering: every lookup asks PostgreSQL."""
-    return PgPrefixIndex(pg_pool, timeout=5.0, memo=IndexMemo(MemoPolicy(ttl=0.0)))
+    index = PgPrefixIndex(pg_pool, timeout=5.0, memo=IndexMemo(MemoPolicy(ttl=0.0)))
+    yield index
+    await index.aclose()
 
 
 OTHER_SCOPES = [
@@ -167,12 +169,10 @@ async def test_concurrent_sweepers_share_the_work(database_url: str) -> None:
 
 
 @pytest.fixture
-async def proxied_index(proxied_url: str) -> AsyncIterator[PgPrefixIndex]:
-    pool = await open_pool(proxied_url, min_size=1, max_size=2, timeout=1.0)
-    try:
-        yield PgPrefixIndex(pool, timeout=0.5, memo=IndexMemo(MemoPolicy(ttl=0.0)))
-    finally:
-        await pool.close(timeout=1.0)
+async def proxied_index(proxied_pool: Pool) -> AsyncIterator[PgPrefixIndex]:
+    index = PgPrefixIndex(proxied_pool, timeout=0.5, memo=IndexMemo(MemoPolicy(ttl=0.0)))
+    yield index
+    await index.aclose()
 
 
 async def test_a_severed_connection_is_tried_once_more(

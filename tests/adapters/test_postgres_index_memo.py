@@ -7,6 +7,7 @@ nothing here waits for time to pass except the 0.5 s deadlines of lookups into a
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import psycopg
@@ -34,8 +35,21 @@ def memo(ttl: float = 60.0, clock: Clock | None = None) -> IndexMemo:
     return IndexMemo(MemoPolicy(ttl=ttl), clock or Clock())
 
 
+_OPENED: list[PgPrefixIndex] = []
+
+
 def index(pool: Pool, memo: IndexMemo, breaker: Breaker | None = None) -> PgPrefixIndex:
-    return PgPrefixIndex(pool, timeout=0.5, memo=memo, breaker=breaker)
+    """An index with 0.5 s deadlines, closed when the test ends."""
+    opened = PgPrefixIndex(pool, timeout=0.5, memo=memo, breaker=breaker)
+    _OPENED.append(opened)
+    return opened
+
+
+@pytest.fixture(autouse=True)
+async def _close_indexes() -> AsyncIterator[None]:
+    yield
+    while _OPENED:
+        await _OPENED.pop().aclose()
 
 
 def purge(url: str) -> None:
@@ -164,7 +178,6 @@ async def test_concurrent_commits_share_one_statement(pg_pool: Pool, database_ur
     assert idx.commit_batches == (1, 20)
     lookups = [await index(pg_pool, memo(ttl=0.0)).lookup(s, [h("p0")]) for s in scopes]
     assert [hits[0].cumulative_token_count for hits in lookups] == list(range(20))
-    await idx.aclose()
 
 
 async def test_concurrent_lookups_share_one_statement_and_never_mix_scopes(
@@ -178,7 +191,6 @@ async def test_concurrent_lookups_share_one_statement_and_never_mix_scopes(
     found = await asyncio.gather(*(idx.lookup(s, [h("p0"), h("p1")]) for s in scopes))
     assert found == [[IndexHit(h("p0"), i, Tier.M5)] if i % 2 == 0 else [] for i in range(20)]
     assert idx.lookup_batches == (1, 20)
-    await idx.aclose()
 
 
 async def test_a_lookup_starts_no_task_of_its_own(proxied_pool: Pool, pg_proxy: TcpProxy) -> None:

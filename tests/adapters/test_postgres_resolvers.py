@@ -222,6 +222,12 @@ async def test_a_stale_principal_is_served_while_the_database_is_frozen(
     assert answers == [PrincipalId("tenant-a")] * 5  # at once: a refresh runs meanwhile
     await resolver._query.memo.settle()  # the one refresh failed at its deadline
     assert resolver.memo_stats() == MemoStats(hits=0, misses=2, size=1, joined=0, stale=5)
+    await resolver.resolve(caller("sk-alpha"))
+    assert resolver.memo_stats().misses == 2  # the next refresh waits a second
+    clock.now += 1.0
+    await resolver.resolve(caller("sk-alpha"))
+    await resolver._query.memo.settle()
+    assert resolver.memo_stats().misses == 3
     clock.now += 60.0
     with pytest.raises(DependencyError):  # past the stale bound: asked, and failed
         await resolver.resolve(caller("sk-alpha"))
