@@ -33,6 +33,16 @@ class Doubler:
         return [2 * item for item in items]
 
 
+async def held() -> tuple[Doubler, Batcher[int, int], asyncio.Task[int]]:
+    """A one-flusher batcher whose first batch (item 1) runs and waits for the gate."""
+    run = Doubler()
+    run.gate.clear()
+    batcher = Batcher("double", run, flushers=1)
+    first = asyncio.create_task(batcher.submit(1, 10))
+    await run.started.wait()
+    return run, batcher, first
+
+
 async def test_concurrent_items_share_a_batch_and_get_their_own_results() -> None:
     run = Doubler()
     batcher = Batcher("double", run, flushers=1)
@@ -42,11 +52,7 @@ async def test_concurrent_items_share_a_batch_and_get_their_own_results() -> Non
 
 
 async def test_items_gather_while_a_batch_runs() -> None:
-    run = Doubler()
-    run.gate.clear()
-    batcher = Batcher("double", run, flushers=1)
-    first = asyncio.create_task(batcher.submit(1, 10))
-    await run.started.wait()
+    run, batcher, first = await held()
     later = [asyncio.create_task(batcher.submit(i, 10)) for i in (2, 3, 4)]
     await asyncio.sleep(0)
     run.gate.set()
@@ -64,11 +70,7 @@ async def test_at_most_max_batch_items_a_batch() -> None:
 
 
 async def test_an_item_given_up_before_its_batch_is_left_out() -> None:
-    run = Doubler()
-    run.gate.clear()
-    batcher = Batcher("double", run, flushers=1)
-    first = asyncio.create_task(batcher.submit(1, 10))
-    await run.started.wait()
+    run, batcher, first = await held()
     gone = asyncio.create_task(batcher.submit(2, 10))
     kept = asyncio.create_task(batcher.submit(3, 10))
     await asyncio.sleep(0)
@@ -115,11 +117,7 @@ async def test_a_bug_is_logged_and_fails_the_items_as_a_dependency_error(
 
 
 async def test_close_fails_what_is_queued_and_what_comes_later() -> None:
-    run = Doubler()
-    run.gate.clear()
-    batcher = Batcher("double", run, flushers=1)
-    running = asyncio.create_task(batcher.submit(1, 10))
-    await run.started.wait()
+    _run, batcher, running = await held()
     queued = asyncio.create_task(batcher.submit(2, 10))
     await asyncio.sleep(0)
     await batcher.aclose()
