@@ -12,19 +12,18 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
-from opentelemetry.metrics import CallbackOptions, Histogram, Meter, Observation
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 
 from extproc.adapters.breaker import Breaker
+from extproc.adapters.counters import Counts, Timer
 from extproc.adapters.index_memo import IndexMemoStats
 from extproc.adapters.memo import MemoStats
 from extproc.core import codec
@@ -34,52 +33,6 @@ from extproc.core.ports import Tokenizer
 METER_NAME = "extproc"
 # Seconds; the interesting range is sub-millisecond lookups up to multi-second commits.
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2, 5)
-
-Key = tuple[str | None, ...]
-
-
-class Counts:
-    """A counter's values by label values (``None``: label left out), observed on collection."""
-
-    def __init__(self, meter: Meter, name: str, labels: tuple[str, ...], description: str) -> None:
-        self._labels = labels
-        self._values: dict[Key, int] = {}
-        self._attributes: dict[Key, dict[str, str]] = {}
-        meter.create_observable_counter(name, [self._observe], description=description)
-
-    def add(self, key: Key, amount: int = 1) -> None:
-        values = self._values
-        values[key] = values.get(key, 0) + amount
-
-    def _observe(self, _options: CallbackOptions) -> Iterable[Observation]:
-        for key, value in self._values.copy().items():  # a copy: collection runs in a thread
-            yield Observation(value, self._labelled(key))
-
-    def _labelled(self, key: Key) -> dict[str, str]:
-        attributes = self._attributes.get(key)
-        if attributes is None:
-            attributes = {k: v for k, v in zip(self._labels, key, strict=True) if v is not None}
-            self._attributes[key] = attributes
-        return attributes
-
-
-class _Timer:
-    """Records the seconds between enter and exit in a histogram, even when the block fails."""
-
-    __slots__ = ("_histogram", "_start")
-
-    def __init__(self, histogram: Histogram) -> None:
-        self._histogram = histogram
-        self._start = 0.0
-
-    def __enter__(self) -> None:
-        self._start = time.perf_counter()
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._histogram.record(time.perf_counter() - self._start)
-
 
 _MARKERS = {True: ("true",), False: ("false",)}
 
@@ -214,7 +167,7 @@ class Metrics:
 
     def timed(self, name: str) -> AbstractContextManager[None]:
         """Record the duration of the block in the ``name`` histogram, even when it fails."""
-        return _Timer(self._durations[name])
+        return Timer(self._durations[name])
 
 
 def _memo_results(stats: MemoStats) -> tuple[tuple[str, int], ...]:
