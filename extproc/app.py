@@ -23,11 +23,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc.adapters import postgres, servicer
+from extproc.adapters.breaker import Breaker, BreakerPolicy
 from extproc.adapters.classifying import Deadlines
+from extproc.adapters.index_memo import IndexMemo, MemoPolicy
+from extproc.adapters.pg_index import PgPrefixIndex
 from extproc.adapters.pg_resolvers import PgModelConfigResolver, build_principal_resolver
 from extproc.adapters.telemetry import (
     Metrics,
-    TimedIndex,
     TimedTokenizer,
     configure_logging,
     log_event,
@@ -132,28 +134,30 @@ class App:
 
     async def _build(self, metrics: Metrics) -> servicer.Dependencies:
         s = self.settings
-        tokenizer = build_tokenizer(s.tokenizer_url, dict(s.tokenizers), tokenizer_timeouts(s))
+        policy = BreakerPolicy(s.breaker_failures, s.breaker_cooldown_s)
+        database, service = Breaker("database", policy), Breaker("tokenizer_service", policy)
+        timeouts = replace(tokenizer_timeouts(s), models_stale_for=s.stale_for_s)
+        tokenizer = build_tokenizer(
+            s.tokenizer_url, dict(s.tokenizers), timeouts, s.tokenizer_queue, service
+        )
         self._resources.closers.append(tokenizer.aclose)
         await asyncio.to_thread(tokenizer.validate)  # a bad file fails the start, not a request
         pool = await _open_pool_retrying(s.database_url)
         self._resources.closers.append(pool.close)
-        principals = build_principal_resolver(s.principal_source, pool)
-        models = PgModelConfigResolver(pool)
-        metrics.observe_caches(
-            {
-                "principal": lambda: _hits(principals.memo_stats()),
-                "model": lambda: _hits(models.memo_stats()),
-            }
+        principals = build_principal_resolver(
+            s.principal_source, pool, stale_for=s.stale_for_s, breaker=database
         )
+        models = PgModelConfigResolver(pool, stale_for=s.stale_for_s, breaker=database)
         self._start_sweeper(pool)
-        index = postgres.PgPrefixIndex(pool)
+        index = PgPrefixIndex(pool, memo=index_memo(s), breaker=database, timed=metrics.timed)
+        self._resources.closers.append(index.aclose)
+        metrics.observe_memos({"principal": principals.memo_stats, "model": models.memo_stats})
+        metrics.observe_index(index.memo.stats)
+        metrics.observe_breakers([database, service] if s.tokenizer_url else [database])
+        metrics.observe_tokenizer_queue(lambda: tokenizer.embedded.rejected)
         self._commits = servicer.CommitTracker(index, s.commit_deadline_ms / 1000, metrics)
         ports = ClassifyPorts(
-            principals,
-            models,
-            TimedIndex(index, metrics),
-            TimedTokenizer(tokenizer, metrics),
-            s.engine_cache,
+            principals, models, index, TimedTokenizer(tokenizer, metrics), s.engine_cache
         )
         return servicer.Dependencies(
             policy=self._session_policy(),
@@ -211,6 +215,16 @@ def tokenizer_timeouts(settings: Settings) -> RemoteTimeouts:
         total=total,
         retry_window=settings.classify_deadline_ms / 1000,
     )
+
+
+def index_memo(settings: Settings) -> IndexMemo:
+    """The index memo the settings describe (serving TTL, refresh debounce, size)."""
+    policy = MemoPolicy(
+        ttl=settings.index_memo_ttl_s,
+        debounce=settings.refresh_debounce_pct / 100,
+        max_size=settings.index_memo_size,
+    )
+    return IndexMemo(policy)
 
 
 def deadlines(settings: Settings) -> Deadlines:

@@ -56,6 +56,13 @@ _DEFAULTS: dict[str, str] = {
     "TELEMETRY_STRIP": "true",
     "SCRUB_PROVIDER_CACHE": "true",
     "ENGINE_CACHE": "off",
+    "INDEX_MEMO_TTL_S": "2",
+    "INDEX_MEMO_SIZE": "10000",
+    "REFRESH_DEBOUNCE_PCT": "10",
+    "STALE_FOR_S": "60",
+    "BREAKER_FAILURES": "5",
+    "BREAKER_COOLDOWN_S": "2",
+    "TOKENIZER_QUEUE": "64",
 }
 KNOWN_KEYS = (*_DEFAULTS, "CONFIG_FILE")
 # Never echoed in error messages: a database URL may carry a password.
@@ -106,6 +113,13 @@ class Settings:
     telemetry_strip: bool = True
     scrub_provider_cache: bool = True
     engine_cache: EngineCache = EngineCache.IGNORE
+    index_memo_ttl_s: float = 2.0
+    index_memo_size: int = 10_000
+    refresh_debounce_pct: int = 10
+    stale_for_s: float = 60.0
+    breaker_failures: int = 5
+    breaker_cooldown_s: float = 2.0
+    tokenizer_queue: int = 64
 
     @property
     def request_policy(self) -> RequestPolicy:
@@ -152,6 +166,13 @@ class Settings:
             telemetry_strip=parsed["TELEMETRY_STRIP"],
             scrub_provider_cache=parsed["SCRUB_PROVIDER_CACHE"],
             engine_cache=parsed["ENGINE_CACHE"],
+            index_memo_ttl_s=parsed["INDEX_MEMO_TTL_S"],
+            index_memo_size=parsed["INDEX_MEMO_SIZE"],
+            refresh_debounce_pct=parsed["REFRESH_DEBOUNCE_PCT"],
+            stale_for_s=parsed["STALE_FOR_S"],
+            breaker_failures=parsed["BREAKER_FAILURES"],
+            breaker_cooldown_s=parsed["BREAKER_COOLDOWN_S"],
+            tokenizer_queue=parsed["TOKENIZER_QUEUE"],
         )
 
 
@@ -411,4 +432,11 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "TELEMETRY_STRIP": _flag,
     "SCRUB_PROVIDER_CACHE": _flag,
     "ENGINE_CACHE": _engine_cache,
+    "INDEX_MEMO_TTL_S": _seconds(0, 60),
+    "INDEX_MEMO_SIZE": _bounded_int(1, 10_000_000),
+    "REFRESH_DEBOUNCE_PCT": _bounded_int(0, 50),
+    "STALE_FOR_S": _seconds(0, 86400),
+    "BREAKER_FAILURES": _bounded_int(1, 1000),
+    "BREAKER_COOLDOWN_S": _seconds(0, 600),
+    "TOKENIZER_QUEUE": _bounded_int(0, 100_000),
 }

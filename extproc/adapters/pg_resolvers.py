@@ -1,80 +1,68 @@
 """Resolvers backed by PostgreSQL: model tariffs and principals, memoised in-process.
 
 Rules:
-* memos are bounded (least recently used goes first) and entries expire after a TTL, so an
-  operator's change (a tariff, a revoked key) lands within one TTL;
-* negative answers (unknown model, unknown key) are memoised like positive ones;
+* memos (``memo.TtlMemo``) are bounded and entries go stale after a TTL, so an operator's
+  change (a tariff, a revoked key) lands within one TTL, plus the one refresh that replaces
+  a stale answer while it is still served (at most ``stale_for`` seconds past the TTL);
+* concurrent misses of one key share one query; negative answers (unknown model, unknown
+  key) are memoised like positive ones; failures are not memoised;
 * a memo is keyed by the SHA-256 of a bearer secret, never by the secret;
-* failures are not memoised: the next request asks the database again.
+* queries go through the database's breaker, when there is one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
-from extproc.adapters.postgres import Pool, bounded
+from extproc.adapters.breaker import Breaker, through
+from extproc.adapters.memo import MemoStats, TtlMemo
+from extproc.adapters.postgres import Connection, Database, Pool
 from extproc.core.model import Caller, ModelConfig, PrincipalId
 from extproc.core.ports import PrincipalResolver
 from extproc.principals import HeaderName, PrincipalKind, PrincipalSource
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
-
 Clock = Callable[[], float]
+Row = tuple[Any, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class MemoStats:
-    """Hit and miss counts of a memo (the server exports them as metrics)."""
+class _MemoisedQuery(Generic[K, V]):
+    """A one-row query per key, memoised (``TtlMemo``) and run through the breaker."""
 
-    hits: int = 0
-    misses: int = 0
-    size: int = 0
+    def __init__(
+        self,
+        pool: Pool,
+        what: str,
+        sql: str,
+        convert: Callable[[K, Row | None], V],
+        memo: TtlMemo[K, V],
+        *,
+        timeout: float,
+        breaker: Breaker | None,
+    ) -> None:
+        self._db = Database(pool)
+        self._what = what
+        self._sql = sql
+        self._convert = convert
+        self.memo = memo
+        self._timeout = timeout
+        self._breaker = breaker
 
+    async def get(self, key: K) -> V:
+        return await self.memo.resolve(
+            key, lambda: through(self._breaker, lambda: self._query(key))
+        )
 
-@dataclass(frozen=True, slots=True)
-class Memoised(Generic[V]):
-    """A memoised answer and when it goes stale (on the memo's clock)."""
+    async def _query(self, key: K) -> V:
+        async def select(conn: Connection) -> Row | None:
+            cursor = await conn.execute(self._sql, (key,))
+            return await cursor.fetchone()
 
-    value: V
-    stale_at: float
-
-
-class TtlMemo(Generic[K, V]):
-    """A bounded least-recently-used memo whose entries go stale after ``ttl`` seconds."""
-
-    def __init__(self, ttl: float, max_size: int, clock: Clock = time.monotonic) -> None:
-        if max_size < 1:
-            raise ValueError("a memo needs room for at least one entry")
-        self._ttl = ttl
-        self._max_size = max_size
-        self._clock = clock
-        self._items: OrderedDict[K, Memoised[V]] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: K) -> Memoised[V] | None:
-        item = self._items.get(key)
-        if item is None or item.stale_at <= self._clock():
-            self.misses += 1
-            return None
-        self._items.move_to_end(key)
-        self.hits += 1
-        return item
-
-    def put(self, key: K, value: V) -> None:
-        self._items[key] = Memoised(value, self._clock() + self._ttl)
-        self._items.move_to_end(key)
-        while len(self._items) > self._max_size:
-            self._items.popitem(last=False)
-
-    def stats(self) -> MemoStats:
-        return MemoStats(self.hits, self.misses, len(self._items))
+        return self._convert(key, await self._db.run(self._what, self._timeout, select))
 
 
 _ACTIVE_TARIFF = """
@@ -85,6 +73,10 @@ LIMIT 1
 """
 
 
+def _model_config(alias: str, row: Row | None) -> ModelConfig | None:
+    return None if row is None else ModelConfig(alias, row[0])
+
+
 class PgModelConfigResolver:
     """Cache-enabled models from ``model_cache_tariffs`` (a ``ports.ModelConfigResolver``)."""
 
@@ -93,30 +85,23 @@ class PgModelConfigResolver:
         pool: Pool,
         *,
         ttl: float = 30.0,
+        stale_for: float = 0.0,
         max_size: int = 1024,
         timeout: float = 1.0,
+        breaker: Breaker | None = None,
         clock: Clock = time.monotonic,
     ) -> None:
-        self._pool = pool
-        self._timeout = timeout
-        self._memo: TtlMemo[str, ModelConfig | None] = TtlMemo(ttl, max_size, clock)
+        memo: TtlMemo[str, ModelConfig | None] = TtlMemo(ttl, max_size, clock, stale_for)
+        self._query = _MemoisedQuery(
+            pool, "model tariff lookup", _ACTIVE_TARIFF, _model_config, memo,
+            timeout=timeout, breaker=breaker,
+        )  # fmt: skip
 
     async def model_config(self, alias: str) -> ModelConfig | None:
-        memoised = self._memo.get(alias)
-        if memoised is not None:
-            return memoised.value
-        config = await bounded(self._select(alias), self._timeout, "model tariff lookup")
-        self._memo.put(alias, config)
-        return config
-
-    async def _select(self, alias: str) -> ModelConfig | None:
-        async with self._pool.connection() as conn:
-            cursor = await conn.execute(_ACTIVE_TARIFF, (alias,))
-            row = await cursor.fetchone()
-        return None if row is None else ModelConfig(alias, row[0])
+        return await self._query.get(alias)
 
     def memo_stats(self) -> MemoStats:
-        return self._memo.stats()
+        return self._query.memo.stats()
 
 
 class ObservedPrincipalResolver(PrincipalResolver, Protocol):
@@ -133,6 +118,10 @@ def key_hash(secret: str) -> bytes:
 _ACTIVE_KEY = "SELECT principal_id FROM api_keys WHERE key_hash = %s AND revoked_at IS NULL"
 
 
+def _principal(_digest: bytes, row: Row | None) -> PrincipalId | None:
+    return None if row is None else PrincipalId(row[0])
+
+
 class ApiKeyPrincipals:
     """Principal of a bearer key found (as its hash) in ``api_keys`` and not revoked."""
 
@@ -141,33 +130,25 @@ class ApiKeyPrincipals:
         pool: Pool,
         *,
         ttl: float = 30.0,
+        stale_for: float = 0.0,
         max_size: int = 10_000,
         timeout: float = 1.0,
+        breaker: Breaker | None = None,
         clock: Clock = time.monotonic,
     ) -> None:
-        self._pool = pool
-        self._timeout = timeout
-        self._memo: TtlMemo[bytes, PrincipalId | None] = TtlMemo(ttl, max_size, clock)
+        memo: TtlMemo[bytes, PrincipalId | None] = TtlMemo(ttl, max_size, clock, stale_for)
+        self._query = _MemoisedQuery(
+            pool, "api key lookup", _ACTIVE_KEY, _principal, memo,
+            timeout=timeout, breaker=breaker,
+        )  # fmt: skip
 
     async def resolve(self, caller: Caller) -> PrincipalId | None:
         if not caller.bearer:
             return None
-        digest = key_hash(caller.bearer)
-        memoised = self._memo.get(digest)
-        if memoised is not None:
-            return memoised.value
-        principal = await bounded(self._select(digest), self._timeout, "api key lookup")
-        self._memo.put(digest, principal)
-        return principal
-
-    async def _select(self, digest: bytes) -> PrincipalId | None:
-        async with self._pool.connection() as conn:
-            cursor = await conn.execute(_ACTIVE_KEY, (digest,))
-            row = await cursor.fetchone()
-        return None if row is None else PrincipalId(row[0])
+        return await self._query.get(key_hash(caller.bearer))
 
     def memo_stats(self) -> MemoStats:
-        return self._memo.stats()
+        return self._query.memo.stats()
 
 
 class HeaderPrincipals:
@@ -203,13 +184,21 @@ class KeyHashPrincipals:
 
 
 def build_principal_resolver(
-    source: PrincipalSource, pool: Pool | None, *, ttl: float = 30.0, max_size: int = 10_000
+    source: PrincipalSource,
+    pool: Pool | None,
+    *,
+    ttl: float = 30.0,
+    stale_for: float = 0.0,
+    max_size: int = 10_000,
+    breaker: Breaker | None = None,
 ) -> ObservedPrincipalResolver:
     """The principal resolver for a parsed source (``extproc.principals``)."""
     if source.kind is PrincipalKind.API_KEYS:
         if pool is None:
             raise ValueError("principal source 'api_keys' needs a database")
-        return ApiKeyPrincipals(pool, ttl=ttl, max_size=max_size)
+        return ApiKeyPrincipals(
+            pool, ttl=ttl, stale_for=stale_for, max_size=max_size, breaker=breaker
+        )
     if source.header is not None:
         return HeaderPrincipals(source.header)
     return KeyHashPrincipals()

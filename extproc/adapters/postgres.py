@@ -1,20 +1,27 @@
-"""PostgreSQL adapter: the connection pool, the prefix index and the expiry sweeper.
+"""PostgreSQL adapter: the connection pool, statements under a deadline, the expiry sweeper.
 
-Every call is bounded by a client-side deadline as well as the server's statement timeout, and
-every psycopg error (or a missed deadline) becomes ``DependencyError`` here, in one place.
-Index lookups and commits are tried once more, inside the same deadline, when the first try
-failed for the connection (severed, refused, the server shutting down, the pool still
-reconnecting), never for a logical error (a statement timeout, a constraint, bad data). Before
-that second try the pool checks its idle connections, since one dead connection (a restarted
-or failed-over server) usually means they are all dead.
+Rules:
+* every statement runs in its caller's task (no task per statement) under a client-side
+  deadline that covers the wait for a pooled connection too; at the deadline the connection's
+  socket is shut down, so a statement waiting for a dead or frozen server fails at once and
+  the pool replaces that connection; the server's statement timeout bounds the server's side;
+* a statement that failed for its connection (severed, refused, the server shutting down, the
+  pool still reconnecting) is tried once more inside the same deadline, after the pool checked
+  its idle connections (one check at a time, shared by every caller that needs it, since one
+  dead connection usually means they are all dead); a logical error (a statement timeout, a
+  constraint, bad data) is never retried;
+* every psycopg error and every missed deadline becomes ``DependencyError`` here, in one place.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
-from collections.abc import Awaitable, Callable, Sequence
+import os
+import socket
+from collections.abc import Awaitable, Callable
 from typing import TypeAlias, TypeVar
 
 import psycopg
@@ -23,42 +30,19 @@ from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 
 from extproc.core.errors import DependencyError
-from extproc.core.model import CacheEntry, IndexHit, PendingWrite, PrefixHash, Scope, Tier
 
 Pool: TypeAlias = AsyncConnectionPool[AsyncConnection[TupleRow]]
+Connection: TypeAlias = AsyncConnection[TupleRow]
 T = TypeVar("T")
+Work: TypeAlias = Callable[[Connection], Awaitable[T]]
 
 _log = logging.getLogger(__name__)
-
-# Work abandoned at its deadline keeps running until psycopg gives up on it; hold a reference.
-_abandoned: set[asyncio.Task[object]] = set()
 
 
 def describe(exc: BaseException) -> str:
     """A one-line, secret-free description of a database error."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return " ".join(lines) or type(exc).__name__
-
-
-async def bounded(work: Awaitable[T], limit: float, what: str) -> T:
-    """Await ``work`` for at most ``limit`` seconds; map failures to ``DependencyError``.
-
-    On the deadline the work is cancelled but not awaited: psycopg may need a while to give up
-    on a dead connection, and the caller must not wait for it.
-    """
-    task: asyncio.Task[T] = asyncio.ensure_future(work)
-    try:
-        done, _ = await asyncio.wait({task}, timeout=limit)
-    except asyncio.CancelledError:
-        _abandon(task)
-        raise
-    if not done:
-        _abandon(task)
-        raise DependencyError(f"{what}: no answer within {limit:g}s")
-    try:
-        return task.result()
-    except psycopg.Error as exc:
-        raise DependencyError(f"{what}: {describe(exc)}") from exc
 
 
 # SQLSTATE class 08 (connection exception) and the server going away.
@@ -84,22 +68,71 @@ async def once_more_on_connection_error(
     except psycopg.Error as exc:
         if not is_connection_error(exc):
             raise
-        _log.warning("%s: connection failed (%s), trying once more", what, describe(exc))
+        failure = describe(exc)
     if before_retry is not None:
         await before_retry()
+    _log.warning("%s: connection failed (%s), trying once more", what, failure)
     return await attempt()
 
 
-def _abandon(task: asyncio.Task[T]) -> None:
-    task.cancel()
-    _abandoned.add(task)
-    task.add_done_callback(_forget)
+def sever(conn: Connection) -> None:
+    """Shut ``conn``'s socket down: whatever psycopg waits for on it fails at once."""
+    try:
+        fd = conn.pgconn.socket
+    except psycopg.Error:  # closed already
+        return
+    with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
+        sock.shutdown(socket.SHUT_RDWR)
 
 
-def _forget(task: asyncio.Task[T]) -> None:
-    _abandoned.discard(task)
-    if not task.cancelled():
-        task.exception()  # retrieved, so asyncio does not report it
+class _Late(DependencyError):
+    """The deadline passed before the retry could start."""
+
+
+class Database:
+    """Runs work on pooled connections under a deadline; see the module docstring."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self._checking: asyncio.Future[None] | None = None
+
+    async def run(self, what: str, limit: float, work: Work[T]) -> T:
+        """``work(conn)`` within ``limit`` seconds; every failure is a ``DependencyError``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        try:
+            return await once_more_on_connection_error(
+                lambda: self._attempt(work, deadline), what, lambda: self._check_idle(deadline)
+            )
+        except (psycopg.Error, _Late) as exc:
+            if loop.time() >= deadline:
+                raise DependencyError(f"{what}: no answer within {limit:g}s") from exc
+            raise DependencyError(f"{what}: {describe(exc)}") from exc
+
+    async def _attempt(self, work: Work[T], deadline: float) -> T:
+        loop = asyncio.get_running_loop()
+        conn = await self.pool.getconn(timeout=max(0.0, deadline - loop.time()))
+        timer = loop.call_at(deadline, sever, conn)
+        try:
+            return await work(conn)
+        finally:
+            timer.cancel()
+            await self.pool.putconn(conn)
+
+    async def _check_idle(self, deadline: float) -> None:
+        """Wait (until the deadline at most) for a check of the pool's idle connections."""
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            raise _Late("no time left for a second try")
+        if self._checking is None or self._checking.done():
+            self._checking = asyncio.ensure_future(self.pool.check())
+            self._checking.add_done_callback(_retrieve)
+        await asyncio.wait({self._checking}, timeout=left)
+
+
+def _retrieve(done: asyncio.Future[None]) -> None:
+    if not done.cancelled() and done.exception() is not None:
+        _log.warning("pool check failed: %s", describe(done.exception() or Exception()))
 
 
 async def open_pool(
@@ -112,7 +145,7 @@ async def open_pool(
 ) -> Pool:
     """An open pool of autocommit connections; an empty ``url`` means libpq's ``PG*`` env vars."""
 
-    async def configure(conn: AsyncConnection[TupleRow]) -> None:
+    async def configure(conn: Connection) -> None:
         millis = max(1, int(statement_timeout * 1000))
         await conn.execute(f"SET statement_timeout = {millis}".encode())
 
@@ -134,83 +167,6 @@ async def open_pool(
     return pool
 
 
-_LOOKUP = """
-SELECT prefix_hash, cumulative_token_count, ttl_tier
-FROM prompt_cache_entries
-WHERE principal_id = %s AND virtual_model = %s AND tokenizer_version = %s
-  AND prefix_hash = ANY(%s) AND expires_at > now()
-"""
-
-# New entries and the refreshed read in one statement (so one round trip, atomically). A
-# refreshed entry is re-inserted if the sweeper removed it meanwhile: the response charged it
-# as a read, so it stays live for its tier from now, like any entry that was just used.
-_UPSERT = """
-INSERT INTO prompt_cache_entries AS e (principal_id, virtual_model, tokenizer_version,
-    prefix_hash, cumulative_token_count, ttl_tier, created_at, expires_at)
-SELECT %s, %s, %s, w.hash, w.tokens, w.tier, now(), now() + w.seconds * interval '1 second'
-FROM unnest(%s::bytea[], %s::integer[], %s::text[], %s::integer[]) AS w(hash, tokens, tier, seconds)
-ON CONFLICT (principal_id, virtual_model, tokenizer_version, prefix_hash) DO UPDATE
-SET cumulative_token_count = EXCLUDED.cumulative_token_count,
-    ttl_tier = EXCLUDED.ttl_tier,
-    expires_at = EXCLUDED.expires_at
-"""
-
-
-class PgPrefixIndex:
-    """The prefix index in ``prompt_cache_entries``; implements ``ports.PrefixIndex``."""
-
-    def __init__(self, pool: Pool, *, timeout: float = 1.0) -> None:
-        self._pool = pool
-        self._timeout = timeout
-
-    async def lookup(self, scope: Scope, hashes: Sequence[PrefixHash]) -> Sequence[IndexHit]:
-        if not hashes:
-            return []
-        work = once_more_on_connection_error(
-            lambda: self._select(scope, list(hashes)), "index lookup", self._pool.check
-        )
-        rows = await bounded(work, self._timeout, "index lookup")
-        return [IndexHit(PrefixHash(bytes(h)), n, Tier(t)) for h, n, t in rows]
-
-    async def _select(self, scope: Scope, hashes: list[PrefixHash]) -> list[TupleRow]:
-        params = (scope.principal_id, scope.virtual_model, scope.tokenizer_version, hashes)
-        async with self._pool.connection() as conn:
-            cursor = await conn.execute(_LOOKUP, params)
-            return await cursor.fetchall()
-
-    async def commit(self, pending: PendingWrite) -> None:
-        entries = _entries_to_write(pending)
-        if entries:
-            work = once_more_on_connection_error(
-                lambda: self._upsert(pending.scope, entries), "index commit", self._pool.check
-            )
-            await bounded(work, self._timeout, "index commit")
-
-    async def _upsert(self, scope: Scope, entries: Sequence[CacheEntry]) -> None:
-        params = (
-            scope.principal_id,
-            scope.virtual_model,
-            scope.tokenizer_version,
-            [e.prefix_hash for e in entries],
-            [e.cumulative_token_count for e in entries],
-            [e.tier.value for e in entries],
-            [e.tier.seconds for e in entries],
-        )
-        async with self._pool.connection() as conn:
-            await conn.execute(_UPSERT, params)
-
-
-def _entries_to_write(pending: PendingWrite) -> list[CacheEntry]:
-    """The new entries plus the refreshed read, one per hash (a new entry wins)."""
-    by_hash: dict[bytes, CacheEntry] = {}
-    if pending.refresh is not None:
-        hit = pending.refresh
-        by_hash[hit.prefix_hash] = CacheEntry(hit.prefix_hash, hit.cumulative_token_count, hit.tier)
-    for entry in pending.entries:
-        by_hash[entry.prefix_hash] = entry
-    return list(by_hash.values())
-
-
 # Replicas sweep at once without doing the same work twice: each batch locks its rows and
 # skips the rows another sweeper holds.
 _SWEEP = """
@@ -227,18 +183,18 @@ WHERE ctid = ANY(ARRAY(
 
 async def sweep_expired(pool: Pool, batch_size: int = 1000, *, deadline: float = 10.0) -> int:
     """Delete expired entries in batches of at most ``batch_size``; the number deleted."""
+    database = Database(pool)
+
+    async def sweep_batch(conn: Connection) -> int:
+        cursor = await conn.execute(_SWEEP, (batch_size,))
+        return cursor.rowcount
+
     total = 0
     while True:
-        deleted = await bounded(_sweep_batch(pool, batch_size), deadline, "expiry sweep")
+        deleted = await database.run("expiry sweep", deadline, sweep_batch)
         total += deleted
         if deleted < batch_size:
             return total
-
-
-async def _sweep_batch(pool: Pool, batch_size: int) -> int:
-    async with pool.connection() as conn:
-        cursor = await conn.execute(_SWEEP, (batch_size,))
-        return cursor.rowcount
 
 
 class ExpirySweeper:

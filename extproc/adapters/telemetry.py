@@ -2,15 +2,18 @@
 
 Labels never carry a principal, key, hash or raw client input: ``model`` is set only for
 cache-enabled models (the alias a classification confirmed), everything else is an enum value.
+
+Recording costs no attribute dict and no call into the SDK: counters are plain integers keyed
+by their label values, which observable counters read when metrics are collected; durations
+go to histograms without attributes.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,46 +22,47 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 
+from extproc.adapters.breaker import Breaker
+from extproc.adapters.counters import Counts, Timer
+from extproc.adapters.index_memo import IndexMemoStats
+from extproc.adapters.memo import MemoStats
 from extproc.core import codec
-from extproc.core.model import (
-    Classification,
-    IndexHit,
-    PendingWrite,
-    PrefixHash,
-    Scope,
-    Tier,
-    TokenCounts,
-)
-from extproc.core.ports import PrefixIndex, Tokenizer
+from extproc.core.model import Classification, TokenCounts
+from extproc.core.ports import Tokenizer
 
 METER_NAME = "extproc"
 # Seconds; the interesting range is sub-millisecond lookups up to multi-second commits.
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2, 5)
+
+_MARKERS = {True: ("true",), False: ("false",)}
 
 
 class Metrics:
     """Every instrument the server records; see the module docstring for the label rules."""
 
     def __init__(self, meter: Meter) -> None:
-        self._requests = meter.create_counter(
-            "extproc.requests", description="Chat requests with a JSON body, by marker presence"
-        )
-        self._outcomes = meter.create_counter("extproc.outcomes", description="Request outcomes")
-        self._rejections = meter.create_counter(
-            "extproc.marker_rejections", description="Requests rejected for their cache markers"
-        )
-        self._classify_results = meter.create_counter(
-            "extproc.classify_results", description="How classification ended"
-        )
-        self._commit_results = meter.create_counter(
-            "extproc.commit_results", description="How commits ended"
-        )
-        self._vetoes = meter.create_counter(
-            "extproc.commit_vetoes", description="Responses that did not commit, by reason"
-        )
         self._meter = meter
-        self._tokens = meter.create_counter(
-            "extproc.tokens", description="Prompt tokens accounted as cache read or creation"
+        self._requests = Counts(
+            meter, "extproc.requests", ("markers",), "Chat requests with a JSON body, by markers"
+        )
+        self._outcomes = Counts(meter, "extproc.outcomes", ("outcome", "model"), "Outcomes")
+        self._rejections = Counts(
+            meter, "extproc.marker_rejections", ("reason",), "Requests rejected for their markers"
+        )
+        self._classify_results = Counts(
+            meter, "extproc.classify_results", ("result",), "How classification ended"
+        )
+        self._commit_results = Counts(
+            meter, "extproc.commit_results", ("result",), "How commits ended"
+        )
+        self._vetoes = Counts(
+            meter, "extproc.commit_vetoes", ("reason",), "Responses that did not commit, by reason"
+        )
+        self._tokens = Counts(
+            meter,
+            "extproc.tokens",
+            ("model", "kind", "tier"),
+            "Prompt tokens accounted as cache read or creation",
         )
         self._durations = {
             name: meter.create_histogram(f"extproc.{name}.duration", unit="s")
@@ -66,57 +70,113 @@ class Metrics:
         }
 
     def request(self, had_markers: bool) -> None:
-        self._requests.add(1, {"markers": str(had_markers).lower()})
+        self._requests.add(_MARKERS[had_markers])
 
     def rejection(self, reason: str) -> None:
-        self._rejections.add(1, {"reason": reason})
+        self._rejections.add((reason,))
 
     def outcome(self, classification: Classification) -> None:
-        self._outcomes.add(1, _model_attrs(classification, outcome=classification.outcome.value))
+        model = classification.model
+        self._outcomes.add((classification.outcome.value, model))
         split = classification.split
-        if split is None or classification.model is None:
+        if split is None or model is None:
             return
-        model = {"model": classification.model}
         if split.read:
-            self._tokens.add(
-                split.read, {**model, "kind": "read", "tier": _read_tier(classification)}
-            )
-        for tier in Tier:
-            if split.created(tier):
-                self._tokens.add(
-                    split.created(tier), {**model, "kind": "creation", "tier": tier.value}
-                )
+            self._tokens.add((model, "read", _read_tier(classification)), split.read)
+        for tier, tokens in split.creation.items():
+            if tokens:
+                self._tokens.add((model, "creation", tier.value), tokens)
 
     def classify_result(self, result: str) -> None:
-        self._classify_results.add(1, {"result": result})
+        self._classify_results.add((result,))
 
     def commit_result(self, result: str) -> None:
-        self._commit_results.add(1, {"result": result})
+        self._commit_results.add((result,))
 
     def veto(self, reason: str) -> None:
-        self._vetoes.add(1, {"reason": reason})
+        self._vetoes.add((reason,))
 
     def observe_caches(self, caches: Mapping[str, Callable[[], tuple[int, int]]]) -> None:
         """Export resolver memo hits and misses, read from ``caches[name]() -> (hits, misses)``."""
 
+        def stats(read: Callable[[], tuple[int, int]]) -> Callable[[], MemoStats]:
+            return lambda: MemoStats(*read())
+
+        self.observe_memos({name: stats(read) for name, read in caches.items()})
+
+    def observe_memos(self, memos: Mapping[str, Callable[[], MemoStats]]) -> None:
+        """Export resolver memos: hits, misses (queries), shared queries and stale answers."""
+
         def observe(_options: CallbackOptions) -> Iterable[Observation]:
-            for name, read in caches.items():
-                hits, misses = read()
-                yield Observation(hits, {"resolver": name, "result": "hit"})
-                yield Observation(misses, {"resolver": name, "result": "miss"})
+            for name, read in memos.items():
+                stats = read()
+                for result, value in _memo_results(stats):
+                    yield Observation(value, {"resolver": name, "result": result})
 
         self._meter.create_observable_counter(
             "extproc.resolver_cache", [observe], description="Resolver memo lookups"
         )
 
-    @contextmanager
-    def timed(self, name: str) -> Iterator[None]:
+    def observe_index(self, read: Callable[[], IndexMemoStats]) -> None:
+        """Export the index memo: lookups answered from memory, refreshes written or skipped."""
+
+        def lookups(_options: CallbackOptions) -> Iterable[Observation]:
+            stats = read()
+            yield Observation(stats.hits, {"result": "hit"})
+            yield Observation(stats.misses, {"result": "miss"})
+
+        def refreshes(_options: CallbackOptions) -> Iterable[Observation]:
+            stats = read()
+            yield Observation(stats.refreshes_written, {"result": "written"})
+            yield Observation(stats.refreshes_skipped, {"result": "skipped"})
+
+        meter = self._meter
+        meter.create_observable_counter("extproc.index_memo", [lookups], description="Lookups")
+        meter.create_observable_counter(
+            "extproc.index_refreshes", [refreshes], description="Sliding refreshes of reads"
+        )
+
+    def observe_breakers(self, breakers: Sequence[Breaker]) -> None:
+        """Export each breaker's state (0 closed, 1 half-open, 2 open) and calls it refused."""
+
+        def states(_options: CallbackOptions) -> Iterable[Observation]:
+            for breaker in breakers:
+                yield Observation(breaker.state.level, {"dependency": breaker.name})
+
+        def refused(_options: CallbackOptions) -> Iterable[Observation]:
+            for breaker in breakers:
+                yield Observation(breaker.refused, {"dependency": breaker.name})
+
+        meter = self._meter
+        meter.create_observable_gauge(
+            "extproc.breaker_state", [states], description="0 closed, 1 half-open, 2 open"
+        )
+        meter.create_observable_counter(
+            "extproc.breaker_refusals", [refused], description="Calls failed at once while open"
+        )
+
+    def observe_tokenizer_queue(self, rejected: Callable[[], int]) -> None:
+        """Export the tokenizations refused because the queue in front of the pool was full."""
+
+        def observe(_options: CallbackOptions) -> Iterable[Observation]:
+            yield Observation(rejected())
+
+        self._meter.create_observable_counter(
+            "extproc.tokenizer_rejections", [observe], description="Counts refused: queue full"
+        )
+
+    def timed(self, name: str) -> AbstractContextManager[None]:
         """Record the duration of the block in the ``name`` histogram, even when it fails."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._durations[name].record(time.perf_counter() - start)
+        return Timer(self._durations[name])
+
+
+def _memo_results(stats: MemoStats) -> tuple[tuple[str, int], ...]:
+    return (
+        ("hit", stats.hits),
+        ("miss", stats.misses),
+        ("joined", stats.joined),
+        ("stale", stats.stale),
+    )
 
 
 def _read_tier(classification: Classification) -> str:
@@ -124,12 +184,6 @@ def _read_tier(classification: Classification) -> str:
     pending = classification.pending
     refresh = pending.refresh if pending is not None else None
     return refresh.tier.value if refresh is not None else "unknown"
-
-
-def _model_attrs(classification: Classification, **attrs: str) -> dict[str, str]:
-    if classification.model is not None:
-        attrs["model"] = classification.model
-    return attrs
 
 
 def meter_provider(readers: Sequence[MetricReader]) -> MeterProvider:
@@ -168,22 +222,7 @@ def start_metrics(host: str | None, port: int) -> tuple[Metrics, MetricsServer]:
     return Metrics(provider.get_meter(METER_NAME)), MetricsServer(server, provider)
 
 
-# ---- timed ports ----
-
-
-@dataclass(frozen=True, slots=True)
-class TimedIndex:
-    """The prefix index with its lookups timed (commits are timed by their tracker)."""
-
-    inner: PrefixIndex
-    metrics: Metrics
-
-    async def lookup(self, scope: Scope, hashes: Sequence[PrefixHash]) -> Sequence[IndexHit]:
-        with self.metrics.timed("lookup"):
-            return await self.inner.lookup(scope, hashes)
-
-    async def commit(self, pending: PendingWrite) -> None:
-        await self.inner.commit(pending)
+# ---- timed tokenizer ----
 
 
 @dataclass(frozen=True, slots=True)

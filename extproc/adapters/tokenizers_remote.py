@@ -1,11 +1,18 @@
 """The Tokenizer port over HTTP: a client for the tokenizer service (models and tokenize).
 
-The model list is memoised for a while; a failed fetch is not, so the next call retries. A
-``503`` (the service is starting, or shedding load) is retried with jittered exponential
-backoff (100 ms growing to 2 s) while a retry budget shared by every call has tokens (about
-ten retries a second) and the retry still ends inside ``retry_window`` (the classify deadline).
-Every transport failure, timeout, unexpected status or malformed answer becomes
-``DependencyError`` here, in one place; ``422`` from ``/v1/tokenize`` is ``UnmappedModel``.
+Rules:
+* one shared aiohttp session (the cheapest client among the dependencies, see
+  ``benchmarks/bench_http_clients.py``), created on first use;
+* the model list is memoised for ``models_ttl``; past it the last good list is still served,
+  for ``models_stale_for`` more seconds, while one fetch refreshes it; concurrent callers with
+  no list share one fetch; a failed fetch is not memoised;
+* a ``503`` (the service is starting, or shedding load) is retried with jittered exponential
+  backoff (100 ms growing to 2 s) while a retry budget shared by every call has tokens (about
+  ten retries a second) and the retry still ends inside ``retry_window`` (the classify
+  deadline);
+* calls go through the service's breaker, when there is one;
+* every transport failure, timeout, unexpected status or malformed answer becomes
+  ``DependencyError`` here, in one place; ``422`` from ``/v1/tokenize`` is ``UnmappedModel``.
 """
 
 from __future__ import annotations
@@ -17,8 +24,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 
+from extproc.adapters.breaker import Breaker, through
+from extproc.adapters.memo import TtlMemo
 from extproc.core import codec
 from extproc.core.errors import DependencyError, UnmappedModel
 from extproc.core.model import TokenCounts
@@ -34,6 +43,7 @@ class RemoteTimeouts:
     total: float = 1.0
     models_ttl: float = 60.0
     retry_window: float = 5.0
+    models_stale_for: float = 60.0
 
 
 BACKOFF_FIRST_S = 0.1
@@ -71,14 +81,11 @@ class _Unavailable(DependencyError):
     """The service answered 503."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Models:
-    versions: Mapping[str, str]
-    fetched_at: float
+_MODELS = "models"
 
 
 class RemoteTokenizer:
-    """Counts tokens by asking the tokenizer service at ``base_url``; one shared HTTP client."""
+    """Counts tokens by asking the tokenizer service at ``base_url``; one shared HTTP session."""
 
     def __init__(
         self,
@@ -86,41 +93,59 @@ class RemoteTokenizer:
         timeouts: RemoteTimeouts | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        breaker: Breaker | None = None,
     ) -> None:
+        self._urls = {p: base_url.rstrip("/") + p for p in ("/v1/models", "/v1/tokenize")}
         self._timeouts = timeouts or RemoteTimeouts()
         self._clock = clock
         self._rng = rng or random.Random()
         self._budget = RetryBudget(clock=clock)
+        self._breaker = breaker
         self.retries = 0
-        self._client = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"),
-            timeout=httpx.Timeout(self._timeouts.total, connect=self._timeouts.connect),
-            headers=_JSON,
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+        t = self._timeouts
+        self._models: TtlMemo[str, Mapping[str, str]] = TtlMemo(
+            t.models_ttl, 1, clock, t.models_stale_for
         )
-        self._models: _Models | None = None
-        self._fetching = asyncio.Lock()
 
     async def version(self, alias: str) -> str | None:
         return (await self.models()).get(alias)
 
     async def models(self) -> Mapping[str, str]:
-        """Alias to tokenizer version, fetched at most once per TTL while fetches succeed."""
-        async with self._fetching:
-            if self._models is None or self._is_stale(self._models):
-                body = await self._call("GET", "/v1/models", None)
-                self._models = _Models(_parse_models(body), self._clock())
-            return self._models.versions
+        """Alias to tokenizer version (see the module rules for memo, staleness, sharing)."""
+        return await self._models.resolve(_MODELS, self._fetch_models)
 
     async def count(self, alias: str, segments: Sequence[str]) -> TokenCounts:
-        request = {"virtual_model": alias, "segments": list(segments)}
-        body = await self._call("POST", "/v1/tokenize", codec.dumps(request))
+        request = codec.dumps({"virtual_model": alias, "segments": list(segments)})
+        body = await through(self._breaker, lambda: self._call("POST", "/v1/tokenize", request))
         return _parse_counts(body, alias, len(segments))
 
-    async def aclose(self) -> None:
-        await self._client.aclose()
+    async def settle(self) -> None:
+        """Wait for a background refresh of the model list, if one is under way."""
+        await self._models.settle()
 
-    def _is_stale(self, models: _Models) -> bool:
-        return self._clock() - models.fetched_at >= self._timeouts.models_ttl
+    async def aclose(self) -> None:
+        self._closed = True
+        await self._models.settle()
+        if self._session is not None:
+            await self._session.close()
+
+    async def _fetch_models(self) -> Mapping[str, str]:
+        body = await through(self._breaker, lambda: self._call("GET", "/v1/models", None))
+        return _parse_models(body)
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise DependencyError("tokenizer service client is closed")
+        if self._session is None:
+            t = self._timeouts
+            self._session = aiohttp.ClientSession(
+                headers=_JSON,
+                timeout=aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect),
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        return self._session
 
     async def _call(self, method: str, path: str, content: bytes | None) -> Any:
         """The parsed JSON answer, retrying a 503 while the budget and the window allow."""
@@ -141,27 +166,35 @@ class RemoteTokenizer:
 
     async def _call_once(self, method: str, path: str, content: bytes | None) -> Any:
         """The parsed JSON answer of one call; every way it can fail is mapped here."""
+        session = self._client()
         try:
-            async with asyncio.timeout(self._timeouts.total):
-                response = await self._client.request(method, path, content=content)
-        except (httpx.HTTPError, TimeoutError, RuntimeError) as exc:  # RuntimeError: closed
+            async with session.request(method, self._urls[path], data=content) as response:
+                status, body = response.status, await response.read()
+        except (aiohttp.ClientError, TimeoutError, RuntimeError) as exc:  # RuntimeError: closed
             raise DependencyError(f"tokenizer service {path}: {_describe(exc)}") from exc
-        if response.status_code == 422 and path == "/v1/tokenize":
+        if status == 422 and path == "/v1/tokenize":
             raise UnmappedModel(f"tokenizer service does not map this model ({path})")
-        if response.status_code == 503:
+        if status == 503:
             raise _Unavailable(f"tokenizer service {path}: status 503")
-        if response.status_code != 200:
-            raise DependencyError(f"tokenizer service {path}: status {response.status_code}")
+        if status != 200:
+            raise DependencyError(f"tokenizer service {path}: status {status}")
         try:
-            return codec.loads(response.content)
+            return codec.loads(body)
         except codec.JSONDecodeError as exc:
             raise DependencyError(f"tokenizer service {path}: malformed JSON") from exc
 
 
 def _describe(exc: Exception) -> str:
-    if isinstance(exc, TimeoutError | httpx.TimeoutException):
+    if isinstance(exc, TimeoutError):
         return "timed out"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "cannot connect"
+    if isinstance(exc, _LOST):
+        return "connection lost"
     return type(exc).__name__
+
+
+_LOST = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError)
 
 
 def _parse_models(body: Any) -> dict[str, str]:

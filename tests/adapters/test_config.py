@@ -44,6 +44,9 @@ def test_defaults() -> None:
     assert s.max_body_bytes == 8 << 20
     assert s.grpc_message_limit > s.max_body_bytes
     assert (s.shutdown_grace_s, s.workers, s.log_level) == (20.0, 1, "INFO")
+    assert (s.index_memo_ttl_s, s.index_memo_size, s.refresh_debounce_pct) == (2.0, 10_000, 10)
+    assert (s.stale_for_s, s.breaker_failures, s.breaker_cooldown_s) == (60.0, 5, 2.0)
+    assert s.tokenizer_queue == 64
 
 
 VALID = [
@@ -90,6 +93,13 @@ VALID = [
                  id="envoy-timeout"),
     pytest.param("ENVOY_MAX_MESSAGE_TIMEOUT_MS", "60000", "envoy_max_message_timeout_ms", 60000,
                  id="envoy-max-timeout"),
+    pytest.param("INDEX_MEMO_TTL_S", "0", "index_memo_ttl_s", 0.0, id="index-memo-off"),
+    pytest.param("INDEX_MEMO_SIZE", "500", "index_memo_size", 500, id="index-memo-size"),
+    pytest.param("REFRESH_DEBOUNCE_PCT", "0", "refresh_debounce_pct", 0, id="debounce-off"),
+    pytest.param("STALE_FOR_S", "300", "stale_for_s", 300.0, id="stale-for"),
+    pytest.param("BREAKER_FAILURES", "3", "breaker_failures", 3, id="breaker-failures"),
+    pytest.param("BREAKER_COOLDOWN_S", "0.5", "breaker_cooldown_s", 0.5, id="breaker-cooldown"),
+    pytest.param("TOKENIZER_QUEUE", "0", "tokenizer_queue", 0, id="tokenizer-queue-none"),
 ]  # fmt: skip
 
 
@@ -131,6 +141,13 @@ INVALID = [
     pytest.param("SCRUB_PROVIDER_CACHE", "2", id="scrub-not-bool"),
     pytest.param("ENGINE_CACHE", "trust", id="engine-unknown"),
     pytest.param("ENVOY_MESSAGE_TIMEOUT_MS", "0", id="envoy-timeout-zero"),
+    pytest.param("INDEX_MEMO_TTL_S", "61", id="index-memo-ttl-too-long"),
+    pytest.param("INDEX_MEMO_SIZE", "0", id="index-memo-no-room"),
+    pytest.param("REFRESH_DEBOUNCE_PCT", "51", id="debounce-over-half"),
+    pytest.param("STALE_FOR_S", "-1", id="stale-negative"),
+    pytest.param("BREAKER_FAILURES", "0", id="breaker-never-opens"),
+    pytest.param("BREAKER_COOLDOWN_S", "forever", id="breaker-cooldown-not-number"),
+    pytest.param("TOKENIZER_QUEUE", "-1", id="tokenizer-queue-negative"),
 ]
 
 

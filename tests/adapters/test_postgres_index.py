@@ -12,9 +12,10 @@ import psycopg_pool
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from extproc.adapters.index_memo import IndexMemo, MemoPolicy
+from extproc.adapters.pg_index import PgPrefixIndex
 from extproc.adapters.postgres import (
     ExpirySweeper,
-    PgPrefixIndex,
     Pool,
     is_connection_error,
     once_more_on_connection_error,
@@ -74,8 +75,11 @@ def count_rows(url: str) -> int:
 
 
 @pytest.fixture
-def index(pg_pool: Pool) -> PgPrefixIndex:
-    return PgPrefixIndex(pg_pool, timeout=5.0)
+async def index(pg_pool: Pool) -> AsyncIterator[PgPrefixIndex]:
+    """The index with its memory never answering: every lookup asks PostgreSQL."""
+    index = PgPrefixIndex(pg_pool, timeout=5.0, memo=IndexMemo(MemoPolicy(ttl=0.0)))
+    yield index
+    await index.aclose()
 
 
 OTHER_SCOPES = [
@@ -165,13 +169,10 @@ async def test_concurrent_sweepers_share_the_work(database_url: str) -> None:
 
 
 @pytest.fixture
-async def proxied_index(database_url: str, pg_proxy: TcpProxy) -> AsyncIterator[PgPrefixIndex]:
-    url = make_conninfo(database_url, host="127.0.0.1", port=pg_proxy.port)
-    pool = await open_pool(url, min_size=1, max_size=2, timeout=1.0)
-    try:
-        yield PgPrefixIndex(pool, timeout=0.5)
-    finally:
-        await pool.close(timeout=1.0)
+async def proxied_index(proxied_pool: Pool) -> AsyncIterator[PgPrefixIndex]:
+    index = PgPrefixIndex(proxied_pool, timeout=0.5, memo=IndexMemo(MemoPolicy(ttl=0.0)))
+    yield index
+    await index.aclose()
 
 
 async def test_a_severed_connection_is_tried_once_more(

@@ -1,13 +1,15 @@
-"""Model-tariff and principal resolvers against a real PostgreSQL."""
+"""Model-tariff and principal resolvers against a real PostgreSQL (outages through a proxy)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from dataclasses import dataclass
 
 import psycopg
 import pytest
 
+from extproc.adapters.breaker import Breaker, BreakerPolicy, CircuitOpen
 from extproc.adapters.pg_resolvers import (
     ApiKeyPrincipals,
     MemoStats,
@@ -17,8 +19,10 @@ from extproc.adapters.pg_resolvers import (
     key_hash,
 )
 from extproc.adapters.postgres import Pool
+from extproc.core.errors import DependencyError
 from extproc.core.model import Caller, ModelConfig, PrincipalId
 from extproc.principals import parse_principal_source
+from tests.fakes.tcp_proxy import TcpProxy
 
 
 @dataclass
@@ -160,7 +164,7 @@ async def test_api_key_memo_is_keyed_by_hash_and_remembers_unknowns(
     add_key(database_url, "sk-late", "tenant-a")
     assert await resolver.resolve(caller("sk-late")) is None
     assert resolver.memo_stats() == MemoStats(hits=1, misses=1, size=1)
-    assert "sk-late" not in repr(vars(resolver._memo))
+    assert "sk-late" not in repr(vars(resolver._query.memo))
     clock.now += 30.0
     assert await resolver.resolve(caller("sk-late")) == PrincipalId("tenant-a")
 
@@ -184,3 +188,71 @@ async def test_key_hash_source_gives_each_key_its_own_principal() -> None:
 def test_api_keys_source_needs_a_database() -> None:
     with pytest.raises(ValueError, match="principal source 'api_keys' needs a database"):
         build_principal_resolver(parse_principal_source("api_keys"), None)
+
+
+# ---- no herds: one query per key at a time, stale answers while the database is away ----
+
+
+async def test_concurrent_misses_share_one_query(pg_pool: Pool, database_url: str) -> None:
+    add_key(database_url, "sk-alpha", "tenant-a")
+    resolver = ApiKeyPrincipals(pg_pool)
+    answers = await asyncio.gather(*(resolver.resolve(caller("sk-alpha")) for _ in range(10)))
+    assert answers == [PrincipalId("tenant-a")] * 10
+    assert resolver.memo_stats().misses == 1
+
+
+async def test_concurrent_model_misses_share_one_query(pg_pool: Pool, database_url: str) -> None:
+    enable(database_url, "m", 64)
+    resolver = PgModelConfigResolver(pg_pool)
+    answers = await asyncio.gather(*(resolver.model_config("m") for _ in range(10)))
+    assert answers == [ModelConfig("m", 64)] * 10
+    assert resolver.memo_stats().misses == 1
+
+
+async def test_a_stale_principal_is_served_while_the_database_is_frozen(
+    proxied_pool: Pool, database_url: str, pg_proxy: TcpProxy
+) -> None:
+    add_key(database_url, "sk-alpha", "tenant-a")
+    clock = FakeClock()
+    resolver = ApiKeyPrincipals(proxied_pool, ttl=30.0, stale_for=60.0, timeout=0.5, clock=clock)
+    assert await resolver.resolve(caller("sk-alpha")) == PrincipalId("tenant-a")
+    pg_proxy.stall()
+    clock.now += 30.0
+    answers = await asyncio.gather(*(resolver.resolve(caller("sk-alpha")) for _ in range(5)))
+    assert answers == [PrincipalId("tenant-a")] * 5  # at once: a refresh runs meanwhile
+    await resolver._query.memo.settle()  # the one refresh failed at its deadline
+    assert resolver.memo_stats() == MemoStats(hits=0, misses=2, size=1, joined=0, stale=5)
+    await resolver.resolve(caller("sk-alpha"))
+    assert resolver.memo_stats().misses == 2  # the next refresh waits a second
+    clock.now += 1.0
+    await resolver.resolve(caller("sk-alpha"))
+    await resolver._query.memo.settle()
+    assert resolver.memo_stats().misses == 3
+    clock.now += 60.0
+    with pytest.raises(DependencyError):  # past the stale bound: asked, and failed
+        await resolver.resolve(caller("sk-alpha"))
+    pg_proxy.resume()
+
+
+async def test_a_stale_answer_is_replaced_once_refreshed(pg_pool: Pool, database_url: str) -> None:
+    clock = FakeClock()
+    resolver = PgModelConfigResolver(pg_pool, ttl=30.0, stale_for=60.0, clock=clock)
+    assert await resolver.model_config("m") is None
+    enable(database_url, "m", 100)
+    clock.now += 30.0
+    assert await resolver.model_config("m") is None  # stale, while the refresh runs
+    await resolver._query.memo.settle()
+    assert await resolver.model_config("m") == ModelConfig("m", 100)
+
+
+async def test_queries_go_through_the_breaker(
+    proxied_pool: Pool, database_url: str, pg_proxy: TcpProxy
+) -> None:
+    breaker = Breaker("database", BreakerPolicy(failures=1, cooldown_s=60.0), FakeClock())
+    resolver = ApiKeyPrincipals(proxied_pool, timeout=0.5, breaker=breaker)
+    pg_proxy.stall()
+    with pytest.raises(DependencyError, match="no answer within"):
+        await resolver.resolve(caller("sk-alpha"))
+    with pytest.raises(CircuitOpen):
+        await resolver.resolve(caller("sk-beta"))
+    pg_proxy.resume()

@@ -1,4 +1,4 @@
-"""Structured logs and the metrics exporter switch."""
+"""Structured logs, the metrics exporter switch, and what the metrics export."""
 
 from __future__ import annotations
 
@@ -6,8 +6,18 @@ import logging
 import urllib.request
 
 import pytest
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from extproc.adapters.telemetry import JsonFormatter, start_metrics
+from extproc.adapters.breaker import Breaker, BreakerPolicy, CircuitOpen
+from extproc.adapters.index_memo import IndexMemoStats
+from extproc.adapters.memo import MemoStats
+from extproc.adapters.telemetry import (
+    METER_NAME,
+    JsonFormatter,
+    Metrics,
+    meter_provider,
+    start_metrics,
+)
 from extproc.core import codec
 from extproc.core.model import Classification, Outcome, Split, Tier
 
@@ -71,3 +81,105 @@ def sample(text: str, name: str, *labels: str) -> float:
         if line.startswith(name + "{") and all(label in line for label in labels)
     ]
     return value
+
+
+def collected(reader: InMemoryMetricReader, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """The values of metric ``name`` by sorted label pairs, as a scrape would see them."""
+    data = reader.get_metrics_data()
+    values: dict[tuple[tuple[str, str], ...], float] = {}
+    for resource in data.resource_metrics if data else ():
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name != name:
+                    continue
+                for point in metric.data.data_points:
+                    labels = tuple(sorted((k, str(v)) for k, v in point.attributes.items()))
+                    values[labels] = point.value  # type: ignore[union-attr]
+    return values
+
+
+@pytest.fixture
+def reader() -> InMemoryMetricReader:
+    return InMemoryMetricReader()
+
+
+@pytest.fixture
+def metrics(reader: InMemoryMetricReader) -> Metrics:
+    return Metrics(meter_provider((reader,)).get_meter(METER_NAME))
+
+
+def test_counters_are_read_when_collected(metrics: Metrics, reader: InMemoryMetricReader) -> None:
+    for _ in range(3):
+        metrics.classify_result("ok")
+    metrics.classify_result("deadline_exceeded")
+    metrics.request(True)
+    assert collected(reader, "extproc.classify_results") == {
+        (("result", "ok"),): 3,
+        (("result", "deadline_exceeded"),): 1,
+    }
+    metrics.classify_result("ok")
+    assert collected(reader, "extproc.classify_results")[(("result", "ok"),)] == 4
+    assert collected(reader, "extproc.requests") == {(("markers", "true"),): 1}
+    assert collected(reader, "extproc.commit_vetoes") == {}
+
+
+def test_a_model_label_only_for_confirmed_models(
+    metrics: Metrics, reader: InMemoryMetricReader
+) -> None:
+    metrics.outcome(Classification.inactive("unknown_principal"))
+    metrics.outcome(Classification(Outcome.CREATE_ONLY, Split(creation={Tier.M5: 7}), model="m"))
+    assert collected(reader, "extproc.outcomes") == {
+        (("outcome", "inactive"),): 1,
+        (("model", "m"), ("outcome", "create_only")): 1,
+    }
+    assert collected(reader, "extproc.tokens") == {
+        (("kind", "creation"), ("model", "m"), ("tier", "5m")): 7
+    }
+
+
+def test_breaker_states_are_exported(metrics: Metrics, reader: InMemoryMetricReader) -> None:
+    database = Breaker("database", BreakerPolicy(failures=1, cooldown_s=60.0))
+    service = Breaker("tokenizer_service", BreakerPolicy())
+    metrics.observe_breakers([database, service])
+    database.failed()
+    with pytest.raises(CircuitOpen):
+        database.admit()
+    assert collected(reader, "extproc.breaker_state") == {
+        (("dependency", "database"),): 2,
+        (("dependency", "tokenizer_service"),): 0,
+    }
+    assert collected(reader, "extproc.breaker_refusals")[(("dependency", "database"),)] == 1
+
+
+def test_index_memo_and_resolver_memos_are_exported(
+    metrics: Metrics, reader: InMemoryMetricReader
+) -> None:
+    metrics.observe_index(lambda: IndexMemoStats(hits=5, misses=2, refreshes_skipped=4))
+    metrics.observe_memos({"principal": lambda: MemoStats(hits=9, misses=1, joined=3, stale=2)})
+    assert collected(reader, "extproc.index_memo") == {
+        (("result", "hit"),): 5,
+        (("result", "miss"),): 2,
+    }
+    assert collected(reader, "extproc.index_refreshes")[(("result", "skipped"),)] == 4
+    cache = collected(reader, "extproc.resolver_cache")
+    assert cache[(("resolver", "principal"), ("result", "joined"))] == 3
+    assert cache[(("resolver", "principal"), ("result", "stale"))] == 2
+
+
+def test_timed_records_even_when_the_block_fails(
+    metrics: Metrics, reader: InMemoryMetricReader
+) -> None:
+    with pytest.raises(ValueError, match="boom"), metrics.timed("lookup"):
+        raise ValueError("boom")
+    with metrics.timed("lookup"):
+        pass
+    data = reader.get_metrics_data()
+    assert data is not None
+    [histogram] = [
+        m
+        for r in data.resource_metrics
+        for s in r.scope_metrics
+        for m in s.metrics
+        if m.name == "extproc.lookup.duration"
+    ]
+    assert histogram.data.data_points[0].count == 2  # type: ignore[union-attr]

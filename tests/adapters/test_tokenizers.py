@@ -125,11 +125,11 @@ async def test_encoding_runs_off_the_event_loop(tmp_path):
         def __init__(self, inner: Tokenizer) -> None:
             self.inner = inner
 
-        def encode_batch(self, segments, add_special_tokens=True):
+        def encode_batch_fast(self, segments, add_special_tokens=True):
             entered.set()
             if not released.wait(timeout=30):
                 raise AssertionError("the event loop was blocked while encoding")
-            return self.inner.encode_batch(segments, add_special_tokens=add_special_tokens)
+            return self.inner.encode_batch_fast(segments, add_special_tokens=add_special_tokens)
 
     def load(path: Path) -> LoadedTokenizer:
         loaded = load_tokenizer_file(path)
@@ -268,3 +268,75 @@ async def test_closed_tokenizer_degrades(tmp_path):
     await embedded.aclose()
     with pytest.raises(DependencyError, match="closed"):
         await embedded.count("m", ["a"])
+
+
+# ---- the bounded queue in front of the thread pool ----
+
+
+class HeldEncoder:
+    """Wraps a real encoder; every count waits for ``release`` and is recorded when it runs."""
+
+    def __init__(self, inner: Tokenizer) -> None:
+        self.inner = inner
+        self.release = threading.Event()
+        self.running = threading.Event()
+        self.ran: list[list[str]] = []
+
+    def encode_batch_fast(self, segments, add_special_tokens=True):
+        self.ran.append(segments)
+        self.running.set()
+        if not self.release.wait(timeout=30):
+            raise AssertionError("never released")
+        return self.inner.encode_batch_fast(segments, add_special_tokens=add_special_tokens)
+
+
+async def held_tokenizer(tmp_path: Path, queue_limit: int) -> tuple[EmbeddedTokenizer, HeldEncoder]:
+    loaded = load_tokenizer_file(small_tokenizer(tmp_path / "t.json"))
+    held = HeldEncoder(loaded.encoder)
+    embedded = EmbeddedTokenizer(
+        {"m": tmp_path / "t.json"},
+        workers=1,
+        load=lambda _path: LoadedTokenizer(loaded.version, held),  # type: ignore[arg-type]
+        queue_limit=queue_limit,
+    )
+    await embedded.version("m")
+    return embedded, held
+
+
+async def running_and_queued(
+    embedded: EmbeddedTokenizer, held: HeldEncoder
+) -> tuple[asyncio.Task[TokenCounts], asyncio.Task[TokenCounts]]:
+    """One count running (held) in the only thread, and one waiting for it."""
+    running = asyncio.create_task(embedded.count("m", ["a"]))
+    assert await asyncio.to_thread(held.running.wait, 30)
+    queued = asyncio.create_task(embedded.count("m", ["b b"]))
+    await asyncio.sleep(0)
+    return running, queued
+
+
+async def test_a_count_that_finds_the_queue_full_fails_at_once(tmp_path):
+    embedded, held = await held_tokenizer(tmp_path, queue_limit=1)
+    running, waiting = await running_and_queued(embedded, held)
+    with pytest.raises(DependencyError, match="queue is full"):
+        await embedded.count("m", ["c c c"])
+    held.release.set()
+    assert [(await t).segment_counts for t in (running, waiting)] == [(1,), (2,)]
+    assert embedded.rejected == 1
+    assert (await embedded.count("m", ["c c c"])).segment_counts == (3,)
+    await embedded.aclose()
+
+
+async def test_a_count_given_up_while_queued_never_runs(tmp_path):
+    """A classification abandoned at its deadline stops its queued tokenization."""
+    embedded, held = await held_tokenizer(tmp_path, queue_limit=1)
+    running, abandoned = await running_and_queued(embedded, held)
+    abandoned.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await abandoned
+    queued = asyncio.create_task(embedded.count("m", ["c c c"]))  # its place in the queue is free
+    await asyncio.sleep(0)
+    held.release.set()
+    assert (await running).segment_counts == (1,)
+    assert (await queued).segment_counts == (3,)
+    assert held.ran == [["a"], ["c c c"]]
+    await embedded.aclose()

@@ -17,7 +17,12 @@ from extproc.adapters.tokenizer_files import (
     export_tokenizer_json,
     read_source,
 )
-from extproc.adapters.tokenizers import load_tokenizer_file
+from extproc.adapters.tokenizers import (
+    LoadedTokenizer,
+    ascii_twin,
+    count_tokens,
+    load_tokenizer_file,
+)
 from extproc.cli import main
 
 TEXTS = [
@@ -93,6 +98,65 @@ def test_qwen_export_matches_on_random_text(qwen_export, qwen_own, text):
 def test_tekken_export_matches_on_random_text(tekken_pair, text):
     exported, own = tekken_pair
     assert len(ids(exported, text)) == len(own.encode(text, bos=False, eos=False))
+
+
+# ---- the counting path: encode_batch_fast counts exactly what encode_batch does ----
+
+
+def batch_counts(tokenizer: Tokenizer, segments: list[str]) -> tuple[int, ...]:
+    encodings = tokenizer.encode_batch(segments, add_special_tokens=False)
+    return tuple(len(e.ids) for e in encodings)
+
+
+ALL_TEXTS = [p.values[0] for p in TEXTS]
+
+
+def test_fast_counts_equal_batch_counts_on_qwen(qwen_export):
+    assert count_tokens(qwen_export, ALL_TEXTS) == batch_counts(qwen_export, ALL_TEXTS)
+
+
+def test_fast_counts_equal_batch_counts_on_tekken(tekken_pair):
+    exported, _own = tekken_pair
+    assert count_tokens(exported, ALL_TEXTS) == batch_counts(exported, ALL_TEXTS)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(segments=st.lists(TEXT_STRATEGY, max_size=6))
+def test_fast_counts_equal_batch_counts_on_random_batches(qwen_export, tekken_pair, segments):
+    for tokenizer in (qwen_export, tekken_pair[0]):
+        assert count_tokens(tokenizer, segments) == batch_counts(tokenizer, segments)
+
+
+ASCII_STRATEGY = st.lists(
+    st.one_of(
+        st.text(alphabet=st.characters(max_codepoint=127), max_size=40),
+        st.sampled_from(["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|im_start", "|>"]),
+    ),
+    max_size=5,
+).map("".join)
+
+
+@pytest.fixture(scope="module")
+def qwen_loaded(tokenizer_file: Path) -> LoadedTokenizer:
+    return load_tokenizer_file(tokenizer_file)
+
+
+def test_an_nfc_tokenizer_gets_an_ascii_twin_and_tekken_none(qwen_loaded, tekken_pair):
+    assert qwen_loaded.ascii_encoder is not None
+    assert ascii_twin(tekken_pair[0]) is None  # no normalizer: nothing to leave out
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_counts_through_the_twin_equal_the_full_encoder(qwen_loaded, text):
+    batch = [text, "hello <|im_start|> world", text.upper()]
+    assert qwen_loaded.count(batch) == batch_counts(qwen_loaded.encoder, batch)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(segments=st.lists(ASCII_STRATEGY, min_size=1, max_size=4))
+def test_the_twin_counts_every_ascii_batch_like_the_full_encoder(qwen_loaded, segments):
+    twin = qwen_loaded.ascii_encoder
+    assert count_tokens(twin, segments) == batch_counts(qwen_loaded.encoder, segments)
 
 
 def test_byte_alphabet_is_a_bijection_onto_printable_characters():

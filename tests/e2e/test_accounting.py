@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import psycopg
 import pytest
 
 from extproc.core import codec
@@ -393,6 +394,16 @@ VECTOR_1 = bytes.fromhex("b063c46136d7e666f8ff6dfbb59370f23dd93a60e692faceb73da9
 QUESTION = "What did we spend on travel?"
 
 
+def _age(stack: Stack, key: str, seconds_left: int) -> None:
+    """Move every entry of ``key``'s principal to expire ``seconds_left`` from now."""
+    with psycopg.connect(stack.database_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE prompt_cache_entries SET expires_at = now() + %s * interval '1 second'"
+            " WHERE principal_id = %s",
+            (seconds_left, stack.principal_of(key)),
+        )
+
+
 def _entries_after_commit(stack: Stack, key: str, count: int) -> dict[bytes, IndexRow]:
     """The principal's entries once at least ``count`` of them are committed."""
     entries: dict[bytes, IndexRow] = {}
@@ -480,13 +491,16 @@ def test_the_deepest_match_is_read_and_only_the_new_span_written(stack: Stack) -
 
 
 def test_a_read_slides_the_expiry_of_the_matched_entry_only(stack: Stack) -> None:
+    """Once under 90% of its tier is left (``EXTPROC_REFRESH_DEBOUNCE_PCT``), a read slides it."""
     key = stack.new_key()
     body = cached_request()
     send(stack, body, key)
     hashes = prefix_hashes(body)
     system_hash, document_hash = hashes[0], hashes[1]
-    before = _entries_after_commit(stack, key, 2)
-    time.sleep(1.5)  # so that a refresh is visible in expires_at
+    _entries_after_commit(stack, key, 2)
+    _age(stack, key, seconds_left=200)
+    time.sleep(2.5)  # past the 2 s a worker answers a hit from memory: it asks PostgreSQL again
+    before = stack.entries(key)
 
     assert usage_of(send(stack, body, key), streamed=False)["cache_read_input_tokens"] > 0
 

