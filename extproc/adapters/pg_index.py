@@ -40,16 +40,20 @@ WHERE e.principal_id = %b AND e.virtual_model = %b AND e.tokenizer_version = %b
 
 # The candidates of many lookups in one statement: row ``n`` of the hashes belongs to lookup
 # ``item``, whose scope is row ``item`` of the scopes.
+# Each candidate probes the unique index on its own (LATERAL), whatever the table's size.
 _LOOKUP = """
 SELECT q.n, e.cumulative_token_count, e.ttl_tier,
        extract(epoch FROM e.expires_at - now())::float8
 FROM unnest(%b::int4[], %b::bytea[]) WITH ORDINALITY AS q(item, prefix_hash, n)
 JOIN unnest(%b::text[], %b::text[], %b::text[]) WITH ORDINALITY
     AS s(principal_id, virtual_model, tokenizer_version, item) ON s.item = q.item
-JOIN prompt_cache_entries e ON e.principal_id = s.principal_id
-    AND e.virtual_model = s.virtual_model AND e.tokenizer_version = s.tokenizer_version
-    AND e.prefix_hash = q.prefix_hash
-WHERE e.expires_at > now()
+CROSS JOIN LATERAL (
+    SELECT x.cumulative_token_count, x.ttl_tier, x.expires_at
+    FROM prompt_cache_entries x
+    WHERE x.principal_id = s.principal_id AND x.virtual_model = s.virtual_model
+      AND x.tokenizer_version = s.tokenizer_version AND x.prefix_hash = q.prefix_hash
+      AND x.expires_at > now()
+) e
 """
 
 # New entries and refreshed reads of many commits in one statement. A refreshed entry is
