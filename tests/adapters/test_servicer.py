@@ -519,7 +519,8 @@ async def test_serve_process_becomes_ready_and_stops_on_sigterm(
     )
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            assert await health_of(channel, "") == "SERVING"
+            # With several workers, health says NOT_SERVING until the whole group serves.
+            assert await _until_serving(channel) == "SERVING"
         serving = await _eventually(
             lambda: _count(tmp_path / "serve.log", "serving") == workers, timeout_s=30
         )
@@ -532,6 +533,17 @@ async def test_serve_process_becomes_ready_and_stops_on_sigterm(
             await proc.wait()
         log.close()
     assert _count(tmp_path / "serve.log", "stopped") == workers
+
+
+async def _until_serving(channel: grpc.aio.Channel, timeout_s: float = 30.0) -> str:
+    """The health status once it is SERVING, or the last one seen after ``timeout_s``."""
+    status = ""
+    for _ in range(int(timeout_s / 0.1)):
+        status = await health_of(channel, "")
+        if status == "SERVING":
+            return status
+        await asyncio.sleep(0.1)
+    return status
 
 
 def _count(path: Any, message: str) -> int:
