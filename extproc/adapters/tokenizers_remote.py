@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,11 +94,13 @@ class RemoteTokenizer:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         breaker: Breaker | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._urls = {p: base_url.rstrip("/") + p for p in ("/v1/models", "/v1/tokenize")}
         self._timeouts = timeouts or RemoteTimeouts()
         self._clock = clock
         self._rng = rng or random.Random()
+        self._sleep = sleep
         self._budget = RetryBudget(clock=clock)
         self._breaker = breaker
         self.retries = 0
@@ -162,7 +164,7 @@ class RemoteTokenizer:
                     raise
             self.retries += 1
             attempt += 1
-            await asyncio.sleep(delay)
+            await self._sleep(delay)
 
     async def _call_once(self, method: str, path: str, content: bytes | None) -> Any:
         """The parsed JSON answer of one call; every way it can fail is mapped here."""

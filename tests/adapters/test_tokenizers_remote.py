@@ -6,7 +6,6 @@ import asyncio
 import random
 import socket
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -239,14 +238,32 @@ async def test_a_503_is_retried_until_the_service_answers(
 
 
 async def test_a_lasting_503_gives_up_inside_the_retry_window(
-    real_clock_client, tokenizer_service, tokenizer_alias
+    tokenizer_service, tokenizer_alias, clock
 ):
+    """The backoff schedule, on a clock that the client's own sleeps move forward."""
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock.now += seconds
+
+    timeouts = RemoteTimeouts(connect=0.5, total=0.5, retry_window=1.5)
+    remote = RemoteTokenizer(
+        tokenizer_service.url, timeouts, clock=clock, rng=random.Random(7), sleep=sleep
+    )
     tokenizer_service.faults = Faults(status=503)
-    started = time.monotonic()
-    with pytest.raises(DependencyError, match="status 503"):
-        await real_clock_client.count(tokenizer_alias, ["x"])
-    assert time.monotonic() - started < 1.5
-    assert 2 <= real_clock_client.retries <= 6  # 100 ms doubling, jittered, inside 1.5 s
+    try:
+        with pytest.raises(DependencyError, match="status 503"):
+            await remote.count(tokenizer_alias, ["x"])
+    finally:
+        await remote.aclose()
+    assert remote.retries == len(slept) >= 2
+    same = random.Random(7)
+    schedule = [backoff(attempt, same) for attempt in range(len(slept) + 1)]
+    assert slept == schedule[:-1]  # doubling from 100 ms, jittered
+    assert sum(slept) < timeouts.retry_window  # every retry ended inside the window
+    assert sum(slept) + schedule[-1] >= timeouts.retry_window  # the next would not have
+    assert tokenizer_service.requests["/v1/tokenize"] == len(slept) + 1
 
 
 @pytest.mark.parametrize("status", [pytest.param(500, id="500"), pytest.param(429, id="429")])
