@@ -334,7 +334,7 @@ def _tokenizer_files(text: str) -> tuple[tuple[str, str], ...]:
     return tuple(parse_tokenizer_map(text).items())
 
 
-def _prefixes(text: str) -> tuple[str, ...]:
+def parse_telemetry_prefixes(text: str) -> tuple[str, ...]:
     """Comma-separated telemetry prefixes; ``none`` for none."""
     if text.strip().lower() == "none":
         return ()
@@ -428,7 +428,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "WORKERS": _workers,
     "LOG_LEVEL": _log_level,
     "SWEEP_INTERVAL_S": _seconds(0, 86400),
-    "TELEMETRY_PREFIXES": _prefixes,
+    "TELEMETRY_PREFIXES": parse_telemetry_prefixes,
     "TELEMETRY_STRIP": _flag,
     "SCRUB_PROVIDER_CACHE": _flag,
     "ENGINE_CACHE": _engine_cache,

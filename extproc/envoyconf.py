@@ -20,17 +20,16 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from extproc.config import Settings
+from extproc.core import defaults
 from extproc.core.route import header_attribute
 from extproc.principals import DEFAULT_PRINCIPAL_HEADER, parse_header_name
 
 MIB = 1 << 20
-_SERVER_DEFAULTS = Settings()
-DEFAULT_MAX_BODY_BYTES = _SERVER_DEFAULTS.max_body_bytes
-DEFAULT_CLASSIFY_DEADLINE_MS = _SERVER_DEFAULTS.classify_deadline_ms
+DEFAULT_MAX_BODY_BYTES = defaults.MAX_BODY_BYTES
+DEFAULT_CLASSIFY_DEADLINE_MS = defaults.CLASSIFY_DEADLINE_MS
 # The shipped file's message_timeout and max_message_timeout (EXTPROC_ENVOY_*_MS).
-BASE_MESSAGE_TIMEOUT_MS = _SERVER_DEFAULTS.envoy_message_timeout_ms
-BASE_MAX_MESSAGE_TIMEOUT_MS = _SERVER_DEFAULTS.envoy_max_message_timeout_ms
+BASE_MESSAGE_TIMEOUT_MS = defaults.ENVOY_MESSAGE_TIMEOUT_MS
+BASE_MAX_MESSAGE_TIMEOUT_MS = defaults.ENVOY_MAX_MESSAGE_TIMEOUT_MS
 # Room beyond the classify deadline in an extended reply: the trip to Envoy and back.
 MESSAGE_TIMEOUT_HEADROOM_MS = 1000
 FAIL_CLOSED_LINE = "failure_mode_allow: false"

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from extproc.config import parse_telemetry_prefixes
 from extproc.core import codec
 from extproc.core.errors import ClientError, ExtprocError
 from extproc.core.markers import error_envelope
@@ -47,6 +48,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     parser.add_argument(
         "--telemetry-prefixes",
+        type=parse_telemetry_prefixes,
         default=",".join(DEFAULT_TELEMETRY_PREFIXES),
         help="comma-separated prefixes of system telemetry blocks (none for none)",
     )
@@ -66,9 +68,7 @@ def _tiers(text: str) -> frozenset[Tier]:
 
 
 def run(args: argparse.Namespace) -> int:
-    policy = RequestPolicy(
-        _policy(args.enabled_ttls, args.default_ttl), _prefixes(args.telemetry_prefixes)
-    )
+    policy = RequestPolicy(_policy(args.enabled_ttls, args.default_ttl), args.telemetry_prefixes)
     raw = _read(args.file)
     try:
         automatic = read_breakpoint_param(args.path) is not None
@@ -80,12 +80,6 @@ def run(args: argparse.Namespace) -> int:
         raise ExtprocError("input is not a JSON object; the sidecar would forward it untouched")
     sys.stdout.write(codec.pretty(describe(prepared)).decode())
     return 0
-
-
-def _prefixes(text: str) -> tuple[str, ...]:
-    if text.strip().lower() == "none":
-        return ()
-    return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
 def _policy(enabled: frozenset[Tier], default: Tier) -> TierPolicy:

@@ -101,9 +101,14 @@ _UNREAD = _Unread()
 _TOP_SHAPE = spans.Obj({"stream_options": spans.SHALLOW})
 
 
+def _may_name_a_marker(data: bytes) -> bool:
+    """Whether ``data`` spells ``cache_control``, or has an escape that could spell it."""
+    return _MARKER_BYTES in data or _ESCAPED_ASCII.search(data) is not None
+
+
 def _may_hold_blocks_we_own(raw: bytes, policy: RequestPolicy) -> bool:
     """Whether ``raw`` may carry a marker or a telemetry block (so it must be walked)."""
-    if _MARKER_BYTES in raw or _ESCAPED_ASCII.search(raw):
+    if _may_name_a_marker(raw):
         return True
     return any(prefix.encode() in raw for prefix in policy.telemetry_prefixes)
 
@@ -168,8 +173,7 @@ def _automatic_tier(top: object, policy: RequestPolicy, query_automatic: bool) -
 
 def _refuse_if_marked(raw: bytes) -> None:
     """Refuse an unreadable body that may carry a marker: another parser might read it."""
-    text = _as_utf8(raw)
-    if _MARKER_BYTES in text or _ESCAPED_ASCII.search(text):
+    if _may_name_a_marker(_as_utf8(raw)):
         raise BodyReadError(
             "request body is not valid JSON; cache_control markers can only be read in a "
             "valid UTF-8 JSON body",
