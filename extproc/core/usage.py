@@ -137,7 +137,24 @@ _USAGE_SHAPE = spans.SHALLOW
 
 
 def edit_document(text: str, rule: UsageRule) -> DocumentEdit | None:
-    """Apply ``rule`` to the top-level ``usage`` of a JSON object; ``None`` if not an object."""
+    """Apply ``rule`` to the top-level ``usage`` of a JSON object; ``None`` if not an object.
+
+    orjson reads the document first: only a document whose usage changes is walked for the
+    offsets of its ``usage`` (and one orjson refuses is read losslessly).
+    """
+    try:
+        doc = codec.loads(text)
+    except codec.JSONDecodeError:
+        return _edit_walked(text, rule)
+    if not isinstance(doc, dict):
+        return None
+    usage = doc.get("usage")
+    if not isinstance(usage, dict) or edit_usage(usage, rule) is None:
+        return DocumentEdit(None, isinstance(usage, dict), is_error_document(doc))
+    return _edit_walked(text, rule)
+
+
+def _edit_walked(text: str, rule: UsageRule) -> DocumentEdit | None:
     try:
         root = spans.read(text, _USAGE_SHAPE)
     except spans.NotJson:
