@@ -35,6 +35,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import psycopg
@@ -42,7 +43,7 @@ import pytest
 import yaml
 from aiohttp import web
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import conninfo_to_dict
 
 from extproc.adapters.tokenizer_files import cached_tokenizer_json
 from extproc.adapters.tokenizers import count_tokens
@@ -470,6 +471,13 @@ def launch_envoy(
     return f"http://127.0.0.1:{port}", admin_url
 
 
+def _with_port(url: str, port: int) -> str:
+    """A ``postgresql://`` URL with its port replaced."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition(":")[0] or parts.netloc
+    return urlunsplit(parts._replace(netloc=f"{netloc}:{port}"))
+
+
 def _local_stack(
     settings: StackSettings, database_url: str, workdir: Path, loop: LoopThread
 ) -> Stack:
@@ -490,7 +498,7 @@ def _local_stack(
         tokenizer_proxy = TcpProxy(tokenizer.host, tokenizer.port)
         for proxy in (database_proxy, tokenizer_proxy):
             loop.run(proxy.start())
-        server_database_url = make_conninfo(database_url, port=database_proxy.port)
+        server_database_url = _with_port(database_url, database_proxy.port)
         tokenizer_url = f"http://127.0.0.1:{tokenizer_proxy.port}"
     env = _extproc_env(settings, server_database_url, address, tokenizer_url)
     extproc = ManagedProcess(
