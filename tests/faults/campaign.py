@@ -62,6 +62,7 @@ WARM_REQUESTS = 300  # after the restarts, before the baseline
 BREAKER_COOLDOWN_S = 2.0  # the server's default (EXTPROC_BREAKER_COOLDOWN_S)
 # A dependency fault may still show this long after it ends (the breaker's cooldown, retries).
 RECOVERY_S = BREAKER_COOLDOWN_S + 2.0
+COMMIT_DEADLINE_S = 2.0  # the server's default (EXTPROC_COMMIT_DEADLINE_MS)
 POOL_MAX = 10  # the server's PostgreSQL pool (extproc.adapters.postgres.open_pool)
 ENVOY_CONNECTIONS = 4  # Envoy runs one worker thread: one gRPC connection, a few while draining
 TASK_SLACK = 2  # idle-state tasks that may legitimately differ (pool maintenance)
@@ -522,9 +523,13 @@ class Campaign:
         peers: collections.Counter[str] = collections.Counter()
         close_wait = 0
         for conn in connections:
-            if conn.status == psutil.CONN_CLOSE_WAIT:
+            peer = _peer_name(conn, remote, local)
+            peers[peer] += 1
+            # A pooled database connection whose server went away waits in CLOSE_WAIT until
+            # the pool next hands it out (bounded by the pool's size); the scrape that just
+            # read the task count may still be closing.
+            if conn.status == psutil.CONN_CLOSE_WAIT and peer not in ("postgres", "scrape"):
                 close_wait += 1
-            peers[_peer_name(conn, remote, local)] += 1
         with psycopg.connect(self.stack.database_url) as conn:
             row = conn.execute(
                 "SELECT count(*), count(*) FILTER (WHERE state <> 'idle') FROM pg_stat_activity "
@@ -582,6 +587,13 @@ class Campaign:
     def _degraded_allowed(self, result: Result) -> bool:
         return any(
             w.start <= result.end and result.start <= w.end + RECOVERY_S for w in self.windows
+        )
+
+    def _commit_at_risk(self, r: Result) -> bool:
+        """A fault began while the commit after ``r`` could still be under way, or went on."""
+        return any(
+            w.start - COMMIT_DEADLINE_S <= r.end and r.start <= w.end + RECOVERY_S
+            for w in self.windows
         )
 
     def _check_result(self, model: Model, r: Result) -> None:
@@ -654,7 +666,7 @@ class Campaign:
         """A healthy, successful write that reported its creation: its own entry must land."""
         if r.outcome is not Outcome.SUCCESS or not model.accountable(r) or not r.planned.own_block:
             return False
-        if self._degraded_allowed(r) or not r.usages:
+        if self._commit_at_risk(r) or not r.usages:
             return False
         last = r.usages[-1]
         return isinstance(last, tuple) and last in model.legit(r)
