@@ -476,7 +476,10 @@ class Campaign:
 
     async def _quiesce(self) -> None:
         """Until Envoy holds no stream, the commits have landed and the server is idle."""
-        await _until(lambda: self._envoy_active() == 0, 15.0)
+        try:
+            await _until(lambda: self._envoy_active() == 0, 15.0)
+        except AssertionError:
+            self.report.violate("envoy_stream_open", f"{self._envoy_active()} still open")
         await _stable(lambda: asyncio.to_thread(self._row_count), 1.5, 15.0)
         await _stable(self._tasks, 1.0, 15.0)
 

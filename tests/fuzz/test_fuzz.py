@@ -1,5 +1,5 @@
 """The fuzz targets: the checked-in corpus holds every invariant, and a short seeded
-coverage-guided run (atheris) finds no violation. ``tests/fuzz/README.md`` has the long run.
+coverage-guided run (atheris) finds no violation. The README (Fuzzing) has the long run.
 """
 
 from __future__ import annotations
