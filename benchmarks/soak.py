@@ -204,7 +204,9 @@ def report(samples: list[Sample], args: argparse.Namespace, started: str, elapse
         f"Started {started}; nproc {os.cpu_count()}, load average at start "
         f"{os.getloadavg()[0]:.2f}. Command: `.venv/bin/python benchmarks/soak.py "
         f"--duration {args.duration:g} --connections {args.connections} --tenants {args.tenants} "
-        f"--interval {args.interval:g} --seed {args.seed}`.",
+        f"--interval {args.interval:g} --seed {args.seed}"
+        + "".join(f" --env {item}" for item in args.env)
+        + "`.",
         "",
         f"{last.requests} requests ({rate:.0f}/s), {last.errors} errors.",
         "",
@@ -249,6 +251,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--interval", type=float, default=10.0, help="seconds between samples")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--report", type=Path, default=ROOT / "benchmarks" / "soak-report.md")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for the server, e.g. EXTPROC_INDEX_MEMO_SIZE=1000 (repeatable)",
+    )
     return parser.parse_args(argv)
 
 
@@ -261,8 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     loop = stacks.LoopThread()
     metrics_port = free_port()
+    extra = tuple(tuple(item.split("=", 1)) for item in args.env)
     settings = stacks.StackSettings(
-        extra_env=(("EXTPROC_METRICS_LISTEN", f"127.0.0.1:{metrics_port}"),)
+        extra_env=(("EXTPROC_METRICS_LISTEN", f"127.0.0.1:{metrics_port}"), *extra)  # type: ignore[arg-type]
     )
     built: stacks.Stack | None = None
     try:
