@@ -258,17 +258,15 @@ class Campaign:
 
     async def _json(self, client: httpx.AsyncClient, result: Result, sent: dict[str, str]) -> None:
         p = result.planned
-        call = client.post(CHAT, content=result.shape.raw, headers=sent)
         if p.fault is Fault.CLIENT_DISCONNECT:
-            try:
-                async with asyncio.timeout(p.disconnect_after / 1000):
-                    response = await call
-            except TimeoutError:
+            status, body = await self._hang_up(result.shape.raw, sent, p.disconnect_after / 1000)
+            if status is None:
                 result.error = "disconnected"
                 return
         else:
-            response = await call
-        result.status, result.body = response.status_code, response.content
+            response = await client.post(CHAT, content=result.shape.raw, headers=sent)
+            status, body = response.status_code, response.content
+        result.status, result.body = status, body
         try:
             doc = codec.loads(result.body)
         except codec.JSONDecodeError:
@@ -276,6 +274,37 @@ class Campaign:
         if isinstance(doc, dict) and "usage" in doc:
             result.usages.append(observed(doc["usage"]))
             result.complete = result.status == 200 and "error" not in doc
+
+    async def _hang_up(
+        self, body: bytes, sent: dict[str, str], after_s: float
+    ) -> tuple[int | None, bytes]:
+        """POST on a connection of its own that the client closes after ``after_s``.
+
+        Returns the status and body when the whole answer came first, else ``(None, b"")``.
+        (A socket of its own, so that the hang-up is a plain close and nothing is left open.)
+        """
+        host, _, port = self.stack.url.removeprefix("http://").partition(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        head = [f"POST {CHAT} HTTP/1.1", f"host: {host}:{port}", "connection: close"]
+        head += [f"{k}: {v}" for k, v in sent.items()] + [f"content-length: {len(body)}"]
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+        try:
+            async with asyncio.timeout(after_s):
+                answer = await reader.read()  # until the server closes (connection: close)
+        except TimeoutError:
+            return None, b""
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        status_line, _, rest = answer.partition(b"\r\n")
+        fields, _, payload = rest.partition(b"\r\n\r\n")
+        if b"transfer-encoding: chunked" in fields.lower():
+            payload = _dechunk(payload)
+        try:
+            return int(status_line.split()[1]), payload
+        except (IndexError, ValueError):
+            return None, b""
 
     async def _stream(
         self, client: httpx.AsyncClient, result: Result, sent: dict[str, str]
@@ -567,6 +596,10 @@ class Campaign:
 
     def _check(self) -> None:
         records = self._records()
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline and any(_open(r) for r in records.values()):
+            time.sleep(0.2)  # an answer may still be writing to a connection Envoy has closed
+            records = self._records()
         for result in self.results:
             result.upstream = records.get(result.planned.tag)
             result.outcome = _outcome(result)
@@ -675,9 +708,14 @@ class Campaign:
         return isinstance(last, tuple) and last in model.legit(r)
 
     def _check_upstream(self, records: Iterable[Record]) -> None:
+        planned = {r.planned.tag: r for r in self.results}
         for record in records:
-            if not record.finished and not record.aborted:
-                self.report.violate("upstream_left_open", record.tag)
+            if _open(record):
+                r = planned.get(record.tag)
+                what = f"{r.planned}, client {r.status} {r.error}" if r else "not planned"
+                self.report.violate(
+                    "upstream_left_open", f"{record.tag}: {len(record.sent)} chunks sent; {what}"
+                )
 
     def _check_resources(self) -> None:
         base, end = self.report.baseline, self.report.final
@@ -717,6 +755,27 @@ def _peer_name(conn: Any, remote: dict[int, str], local: dict[int, str]) -> str:
     if conn.laddr and conn.laddr.port in local:
         return local[conn.laddr.port]
     return "other"
+
+
+def _open(record: Record) -> bool:
+    """The upstream has neither finished nor given up on its answer."""
+    return not record.finished and not record.aborted
+
+
+def _dechunk(data: bytes) -> bytes:
+    """An HTTP/1.1 chunked body's content (what arrived of it)."""
+    out = bytearray()
+    while data:
+        size_line, _, data = data.partition(b"\r\n")
+        try:
+            size = int(size_line.split(b";")[0], 16)
+        except ValueError:
+            break
+        if size == 0:
+            break
+        out += data[:size]
+        data = data[size + 2 :]
+    return bytes(out)
 
 
 def _is_error_event(event: bytes) -> bool:

@@ -521,10 +521,14 @@ def _local_stack(
     )
     stack.cleanup += [upstream.stop, tokenizer.stop]
     stack.cleanup += [proxy.stop for proxy in (database_proxy, tokenizer_proxy) if proxy]
-    for alias, floor in settings.models:
-        stack.admin("models", "enable", alias, "--min-prefix-tokens", str(floor))
-    stack.start_extproc()
-    start_envoy(stack, settings, workdir)
+    try:
+        for alias, floor in settings.models:
+            stack.admin("models", "enable", alias, "--min-prefix-tokens", str(floor))
+        stack.start_extproc()
+        start_envoy(stack, settings, workdir)
+    except BaseException:
+        _stop_stack(stack, loop)  # a stack that failed to start leaves nothing running
+        raise
     return stack
 
 
@@ -550,13 +554,17 @@ def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def _stop_stack(built: Stack, loop: LoopThread) -> None:
+    for process in reversed(built.processes):
+        process.stop()
+    for stop in built.cleanup:
+        loop.run(stop())
+
+
 def _teardown(built: Stack | None, loop: LoopThread, databases: Iterator[str]) -> None:
     try:
         if built is not None:
-            for process in reversed(built.processes):
-                process.stop()
-            for stop in built.cleanup:
-                loop.run(stop())
+            _stop_stack(built, loop)
     finally:
         loop.close()
         for _ in databases:
