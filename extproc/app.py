@@ -264,6 +264,7 @@ async def run(settings: Settings, *, reuse_port: bool = False, link: Link | None
     metrics_host = settings.metrics_listen.host if settings.metrics_listen else None
     metrics_port = settings.metrics_listen.port if settings.metrics_listen else 0
     metrics, metrics_server = start_metrics(metrics_host, metrics_port)
+    metrics.observe_tasks(loop)
     app = App(settings, reuse_port=reuse_port)
     follower = None if link is None else await link.join(app.set_strength, stopping.set)
     try:

@@ -10,6 +10,7 @@ go to histograms without attributes.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -163,6 +164,16 @@ class Metrics:
 
         self._meter.create_observable_counter(
             "extproc.tokenizer_rejections", [observe], description="Counts refused: queue full"
+        )
+
+    def observe_tasks(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Export how many asyncio tasks the server's loop holds (counted when scraped)."""
+
+        def observe(_options: CallbackOptions) -> Iterable[Observation]:
+            yield Observation(len(asyncio.all_tasks(loop)))
+
+        self._meter.create_observable_gauge(
+            "extproc.asyncio_tasks", [observe], description="Tasks alive on the event loop"
         )
 
     def timed(self, name: str) -> AbstractContextManager[None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import urllib.request
 
@@ -183,3 +184,18 @@ def test_timed_records_even_when_the_block_fails(
         if m.name == "extproc.lookup.duration"
     ]
     assert histogram.data.data_points[0].count == 2  # type: ignore[union-attr]
+
+
+async def test_task_count_of_the_loop_is_exported(
+    metrics: Metrics, reader: InMemoryMetricReader
+) -> None:
+    metrics.observe_tasks(asyncio.get_running_loop())
+    before = collected(reader, "extproc.asyncio_tasks")[()]
+    waiting = [asyncio.create_task(asyncio.sleep(60)) for _ in range(3)]
+    try:
+        assert collected(reader, "extproc.asyncio_tasks")[()] == before + 3
+    finally:
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+    assert collected(reader, "extproc.asyncio_tasks")[()] == before

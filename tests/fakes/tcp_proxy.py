@@ -11,7 +11,9 @@ class TcpProxy:
 
     * ``stop()`` refuses new connections and cuts the open ones (the server is gone);
     * ``cut()`` closes the open connections only (a network blip);
-    * ``stall()`` keeps connections open but forwards nothing (a black hole) until ``resume()``.
+    * ``stall()`` keeps connections open but forwards nothing (a black hole) until ``resume()``;
+    * ``delay`` (seconds, 0 by default) holds every chunk that long before forwarding it (a
+      slow network or a slow server), in each direction.
     The listening port stays the same across ``stop()`` and ``start()``.
     """
 
@@ -23,6 +25,7 @@ class TcpProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self._flowing = asyncio.Event()
         self._flowing.set()
+        self.delay = 0.0
 
     @property
     def port(self) -> int:
@@ -70,6 +73,8 @@ class TcpProxy:
     async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError):
             while chunk := await source.read(65536):
+                if self.delay:
+                    await asyncio.sleep(self.delay)
                 await self._flowing.wait()
                 sink.write(chunk)
                 await sink.drain()

@@ -35,6 +35,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import psycopg
@@ -42,12 +43,14 @@ import pytest
 import yaml
 from aiohttp import web
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 
 from extproc.adapters.tokenizer_files import cached_tokenizer_json
 from extproc.adapters.tokenizers import count_tokens
 from extproc.commands.health import probe
 from extproc.envoyconf import EnvoyOptions, Layout, render
 from extproc.principals import parse_principal_source
+from tests.fakes.tcp_proxy import TcpProxy
 from tests.fakes.tokenizer_service import FakeTokenizerService
 from tests.fakes.upstream import FakeUpstream, Record
 from tests.plugins.postgres import PgServer
@@ -84,6 +87,9 @@ class StackSettings:
     # Changes the rendered Envoy bootstrap (parsed) before Envoy starts, e.g. to add filters.
     # The bootstrap already removes client copies of the principal source's header.
     envoy_patch: Callable[[dict[str, Any]], None] | None = None
+    # The server reaches PostgreSQL and the tokenizer service through stoppable TCP proxies
+    # (``Stack.database_proxy``, ``Stack.tokenizer_proxy``), for outages.
+    proxied: bool = False
 
 
 def free_port() -> int:
@@ -229,6 +235,10 @@ class Stack:
     processes: list[ManagedProcess] = field(default_factory=list)
     extproc_address: str = ""
     cleanup: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
+    # The loop thread serving the fakes and proxies (call their coroutines through it).
+    loop: LoopThread | None = None
+    database_proxy: TcpProxy | None = None
+    tokenizer_proxy: TcpProxy | None = None
 
     def __repr__(self) -> str:
         return f"Stack({self.url})"
@@ -461,6 +471,13 @@ def launch_envoy(
     return f"http://127.0.0.1:{port}", admin_url
 
 
+def _with_port(url: str, port: int) -> str:
+    """A ``postgresql://`` URL with its port replaced."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition(":")[0] or parts.netloc
+    return urlunsplit(parts._replace(netloc=f"{netloc}:{port}"))
+
+
 def _local_stack(
     settings: StackSettings, database_url: str, workdir: Path, loop: LoopThread
 ) -> Stack:
@@ -473,7 +490,17 @@ def _local_stack(
     address = (
         f"unix:{workdir / 'extproc.sock'}" if settings.unix_socket else f"127.0.0.1:{free_port()}"
     )
-    env = _extproc_env(settings, database_url, address, tokenizer.url)
+    server_database_url, tokenizer_url = database_url, tokenizer.url
+    database_proxy = tokenizer_proxy = None
+    if settings.proxied:
+        params = conninfo_to_dict(database_url)
+        database_proxy = TcpProxy(str(params["host"]), int(str(params["port"])))
+        tokenizer_proxy = TcpProxy(tokenizer.host, tokenizer.port)
+        for proxy in (database_proxy, tokenizer_proxy):
+            loop.run(proxy.start())
+        server_database_url = _with_port(database_url, database_proxy.port)
+        tokenizer_url = f"http://127.0.0.1:{tokenizer_proxy.port}"
+    env = _extproc_env(settings, server_database_url, address, tokenizer_url)
     extproc = ManagedProcess(
         "extproc", [sys.executable, "-m", "extproc.cli", "serve"], env, workdir / "extproc.log"
     )
@@ -488,12 +515,20 @@ def _local_stack(
         extproc=extproc,
         processes=[extproc],
         extproc_address=address,
+        loop=loop,
+        database_proxy=database_proxy,
+        tokenizer_proxy=tokenizer_proxy,
     )
     stack.cleanup += [upstream.stop, tokenizer.stop]
-    for alias, floor in settings.models:
-        stack.admin("models", "enable", alias, "--min-prefix-tokens", str(floor))
-    stack.start_extproc()
-    start_envoy(stack, settings, workdir)
+    stack.cleanup += [proxy.stop for proxy in (database_proxy, tokenizer_proxy) if proxy]
+    try:
+        for alias, floor in settings.models:
+            stack.admin("models", "enable", alias, "--min-prefix-tokens", str(floor))
+        stack.start_extproc()
+        start_envoy(stack, settings, workdir)
+    except BaseException:
+        _stop_stack(stack, loop)  # a stack that failed to start leaves nothing running
+        raise
     return stack
 
 
@@ -519,13 +554,17 @@ def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def _stop_stack(built: Stack, loop: LoopThread) -> None:
+    for process in reversed(built.processes):
+        process.stop()
+    for stop in built.cleanup:
+        loop.run(stop())
+
+
 def _teardown(built: Stack | None, loop: LoopThread, databases: Iterator[str]) -> None:
     try:
         if built is not None:
-            for process in reversed(built.processes):
-                process.stop()
-            for stop in built.cleanup:
-                loop.run(stop())
+            _stop_stack(built, loop)
     finally:
         loop.close()
         for _ in databases:
