@@ -37,7 +37,7 @@ from extproc.adapters.telemetry import (
 )
 from extproc.adapters.tokenizers import build_tokenizer
 from extproc.adapters.tokenizers_remote import RemoteTimeouts
-from extproc.config import HostPort, Settings
+from extproc.config import HostPort, PrincipalKind, Settings
 from extproc.core.classify import ClassifyPorts
 from extproc.core.defaults import SERVICE_NAME, reply_budget_ms, reply_margin_ms
 from extproc.core.errors import DependencyError, ExtprocError
@@ -165,6 +165,7 @@ class App:
             deadlines=deadlines(s),
             commits=self._commits,
             metrics=metrics,
+            record_principal=s.principal_source.kind is not PrincipalKind.KEY_HASH,
         )
 
     def _start_sweeper(self, pool: postgres.Pool) -> None:

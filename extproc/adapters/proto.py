@@ -22,7 +22,7 @@ header mode ignored) against ``allowed_override_modes``, so the Envoy config mus
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 from google.protobuf import duration_pb2
@@ -294,6 +294,17 @@ def _watch(mode: s.ResponseMode) -> pb.ProcessingResponse:
     else:
         reply.mode_override.CopyFrom(_mode_override(_Mode.SEND, _Mode.BUFFERED))
     return reply
+
+
+def with_metadata(reply: bytes, namespace: str, fields: Mapping[str, str | int | None]) -> bytes:
+    """``reply`` that also sets Envoy dynamic metadata ``namespace`` to ``fields``.
+
+    Serialised protobuf messages merge when concatenated: the reply's bytes stay as they are,
+    followed by a message that sets only ``dynamic_metadata``.
+    """
+    extra = pb.ProcessingResponse()
+    extra.dynamic_metadata.fields[namespace].struct_value.update(fields)
+    return reply + extra.SerializeToString()
 
 
 _CONTINUE = {phase: _continue(phase).SerializeToString() for phase in Phase}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 
@@ -22,6 +22,7 @@ from extproc._envoy_api.envoy.service.ext_proc.v3 import external_processor_pb2 
 from extproc.adapters import proto
 from extproc.adapters.classifying import Classifying, Deadlines
 from extproc.adapters.telemetry import Metrics, log_event
+from extproc.core import record
 from extproc.core.classify import ClassifyPorts
 from extproc.core.defaults import SERVICE_NAME
 from extproc.core.errors import DependencyError, SessionStateError
@@ -34,6 +35,7 @@ from extproc.core.phases import (
     RequestRead,
     Settled,
     StartClassify,
+    Unwatched,
 )
 from extproc.core.ports import PrefixIndex
 from extproc.core.session import Session, SessionPolicy
@@ -100,6 +102,8 @@ class Dependencies:
     deadlines: Deadlines
     commits: CommitTracker
     metrics: Metrics
+    # False when the principal is the key's own hash (key_hash): the record then leaves it out.
+    record_principal: bool = True
 
 
 SERVICE = SERVICE_NAME
@@ -190,8 +194,14 @@ class Pump:
             step = turn.step
             if isinstance(step, NeedClassification):
                 raise SessionStateError("the session still waits after its classification")
-        yield proto.to_reply(phase, step)
+        reply = proto.to_reply(phase, step)
+        found = self._record_of(later)
+        if found is not None:  # the reply that completes the response carries the record
+            reply = proto.with_metadata(reply, record.NAMESPACE, found.fields())
+        yield reply
         self._settle(later)
+        if found is not None:
+            self._deps.metrics.recorded(found)
 
     def close(self) -> None:
         """The stream ended: cancel an unjoined classification; no verdict means no commit."""
@@ -236,6 +246,18 @@ class Pump:
                 metrics.rejection(effect.error.reason.value)
             elif isinstance(effect, Settled):
                 self._record(effect)
+
+    def _record_of(self, effects: list[Effect]) -> record.Record | None:
+        """The accounting record when these effects complete the response."""
+        for effect in effects:
+            if isinstance(effect, Settled):
+                return self._shown(record.of_settled(effect, record.CHAT_ROUTE))
+            if isinstance(effect, Unwatched):
+                return self._shown(record.of_unwatched(effect, _NOT_JOINED, record.CHAT_ROUTE))
+        return None
+
+    def _shown(self, found: record.Record) -> record.Record:
+        return found if self._deps.record_principal else replace(found, principal=None)
 
     def _record(self, settled: Settled) -> None:
         veto = settled.verdict.veto

@@ -29,6 +29,7 @@ from extproc.adapters.memo import MemoStats
 from extproc.core import codec
 from extproc.core.model import Classification, TokenCounts
 from extproc.core.ports import Tokenizer
+from extproc.core.record import Record
 
 METER_NAME = "extproc"
 # Seconds; the interesting range is sub-millisecond lookups up to multi-second commits.
@@ -64,6 +65,12 @@ class Metrics:
             ("model", "kind", "tier"),
             "Prompt tokens accounted as cache read or creation",
         )
+        self._reads = Counts(
+            meter,
+            "extproc.read_tokens",
+            ("model", "source"),
+            "Prompt tokens reported to clients as cache reads, by read source (index or engine)",
+        )
         self._durations = {
             name: meter.create_histogram(f"extproc.{name}.duration", unit="s")
             for name in ("classify", "lookup", "tokenizer", "commit")
@@ -86,6 +93,11 @@ class Metrics:
         for tier, tokens in split.creation.items():
             if tokens:
                 self._tokens.add((model, "creation", tier.value), tokens)
+
+    def recorded(self, found: Record) -> None:
+        """The split the client saw: read tokens by where the read came from."""
+        if found.split.read and found.model is not None:
+            self._reads.add((found.model, found.read_source.value), found.split.read)
 
     def classify_result(self, result: str) -> None:
         self._classify_results.add((result,))
