@@ -354,17 +354,15 @@ def _unmapped_count(world: World) -> None:
     world.tokenizer.count_error = UnmappedModel(MODEL)
 
 
+ZERO_DEGRADED = Classification.zero("dependency_error", MODEL, ACME)
+
 DEGRADED = [
     pytest.param(_fail_principals, Classification.inactive("dependency_error"), id="principals"),
     pytest.param(_fail_models, Classification.inactive("dependency_error"), id="model-config"),
-    pytest.param(_fail_index, Classification.zero("dependency_error", MODEL, ACME), id="index"),
-    pytest.param(
-        _fail_version, Classification.zero("dependency_error", MODEL, ACME), id="tok-version"
-    ),
-    pytest.param(_fail_count, Classification.zero("dependency_error", MODEL, ACME), id="tok-count"),
-    pytest.param(
-        _unmapped_count, Classification.zero("dependency_error", MODEL, ACME), id="unmapped"
-    ),
+    pytest.param(_fail_index, ZERO_DEGRADED, id="index"),
+    pytest.param(_fail_version, ZERO_DEGRADED, id="tok-version"),
+    pytest.param(_fail_count, ZERO_DEGRADED, id="tok-count"),
+    pytest.param(_unmapped_count, ZERO_DEGRADED, id="unmapped"),
 ]
 
 
