@@ -12,14 +12,16 @@ and ``CommitTracker._run`` only; ``asyncio.CancelledError`` always propagates.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
 import grpc
+from opentelemetry.trace import Span
 
 from extproc._envoy_api.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from extproc.adapters import proto
+from extproc.adapters import proto, tracing
 from extproc.adapters.classifying import Classifying, Deadlines
 from extproc.adapters.telemetry import Metrics, log_event
 from extproc.core import record
@@ -39,6 +41,7 @@ from extproc.core.phases import (
 )
 from extproc.core.ports import PrefixIndex
 from extproc.core.session import Session, SessionPolicy
+from extproc.core.verdict import VetoReason
 
 log = logging.getLogger("extproc.servicer")
 _Context = grpc.aio.ServicerContext[pb.ProcessingRequest, bytes]
@@ -57,8 +60,9 @@ class CommitTracker:
     def pending(self) -> int:
         return len(self._tasks)
 
-    def schedule(self, pending: PendingWrite) -> None:
-        task = asyncio.get_running_loop().create_task(self._run(pending))
+    def schedule(self, pending: PendingWrite, context: contextvars.Context | None = None) -> None:
+        """Commit ``pending`` in a task (run in ``context`` when given: tracing)."""
+        task = asyncio.get_running_loop().create_task(self._run(pending), context=context)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -143,6 +147,7 @@ class ExternalProcessor:
         if self._deps is None:  # abort raises: the stream ends here
             await context.abort(grpc.StatusCode.UNAVAILABLE, "extproc is starting")
         pump = Pump(self._deps)
+        self._deps.metrics.streams_open += 1
         try:
             async for message in request_iterator:
                 async for reply in pump.answer(message):
@@ -151,6 +156,7 @@ class ExternalProcessor:
             log_event(log, logging.ERROR, "protocol error", error=str(err))
             await context.abort(grpc.StatusCode.INTERNAL, f"ext_proc protocol error: {err}")
         finally:
+            self._deps.metrics.streams_open -= 1
             pump.close()
 
 
@@ -170,6 +176,8 @@ class Pump:
         self._classifying: Classifying | None = None
         self._read = False
         self._outcome_recorded = False
+        self._span: Span | None = None
+        self._found: record.Record | None = None
 
     async def answer(self, message: pb.ProcessingRequest) -> AsyncIterator[bytes]:
         """The reply to ``message`` (after a timer extension when the join needs one).
@@ -177,6 +185,9 @@ class Pump:
         What the reply settles (a commit, a metric) is done after it was handed over.
         """
         phase, event = proto.to_event(message)
+        tracer = self._deps.metrics.tracer
+        if tracer is not None and self._span is None:
+            self._span = tracing.start_stream(tracer, proto.trace_carrier(message))
         if phase in _OFFER_PHASES:
             self._offer_if_ready()
         turn = self.session.receive(event)
@@ -201,6 +212,7 @@ class Pump:
         yield reply
         self._settle(later)
         if found is not None:
+            self._found = found
             self._deps.metrics.recorded(found)
 
     def close(self) -> None:
@@ -212,6 +224,28 @@ class Pump:
             self._deps.metrics.veto(veto.value)
         if self._read and not self._outcome_recorded and not self._delivered:
             self._deps.metrics.outcome(_NOT_JOINED)
+        if self._span is not None:
+            self._end_span(self._span, veto)
+
+    def _end_span(self, span: Span, veto: VetoReason | None) -> None:
+        span.set_attribute("extproc.request_id", self.session.request_id)
+        found = self._found
+        if found is not None:
+            span.set_attributes(
+                {
+                    "extproc.outcome": found.outcome,
+                    "extproc.reason": found.reason,
+                    "extproc.commit": found.commit,
+                    "extproc.route": found.route,
+                }
+            )
+        elif veto is not None:
+            span.set_attribute("extproc.commit", veto.value)
+        span.end()
+
+    def _task_context(self) -> contextvars.Context | None:
+        """Where a task of this stream runs: with the stream span when tracing."""
+        return None if self._span is None else tracing.task_context(self._span)
 
     @property
     def _delivered(self) -> bool:
@@ -228,6 +262,7 @@ class Pump:
                     self._deps.deadlines,
                     self._deps.metrics,
                     self.session.request_id,
+                    self._task_context(),
                 )
             else:
                 later.append(effect)
@@ -264,7 +299,7 @@ class Pump:
         if veto is not None and settled.accounted:
             self._deps.metrics.veto(veto.value)
         if settled.pending is not None and not settled.pending.is_empty:
-            self._deps.commits.schedule(settled.pending)
+            self._deps.commits.schedule(settled.pending, self._task_context())
 
     def _offer_if_ready(self) -> None:
         """A classification that finished already is handed over without waiting."""

@@ -15,17 +15,20 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+from opentelemetry.trace import Tracer
 
 from extproc.adapters.breaker import Breaker
 from extproc.adapters.counters import Counts, Timer
 from extproc.adapters.index_memo import IndexMemoStats
 from extproc.adapters.memo import MemoStats
+from extproc.adapters.tracing import SPAN_NAMES
 from extproc.core import codec
 from extproc.core.model import Classification, TokenCounts
 from extproc.core.ports import Tokenizer
@@ -41,8 +44,9 @@ _MARKERS = {True: ("true",), False: ("false",)}
 class Metrics:
     """Every instrument the server records; see the module docstring for the label rules."""
 
-    def __init__(self, meter: Meter) -> None:
+    def __init__(self, meter: Meter, tracer: Tracer | None = None) -> None:
         self._meter = meter
+        self.tracer = tracer
         self._requests = Counts(
             meter, "extproc.requests", ("markers",), "Chat requests with a JSON body, by markers"
         )
@@ -71,6 +75,18 @@ class Metrics:
             ("model", "source"),
             "Prompt tokens reported to clients as cache reads, by read source (index or engine)",
         )
+        self._joins = Counts(
+            meter,
+            "extproc.joins",
+            ("wait",),
+            "Joins of a classification: ready at once, waited, or waited past Envoy's timer",
+        )
+        self.streams_open = 0
+        meter.create_observable_up_down_counter(
+            "extproc.streams_in_flight",
+            [lambda _options: (Observation(self.streams_open),)],
+            description="ext_proc streams open now",
+        )
         self._durations = {
             name: meter.create_histogram(f"extproc.{name}.duration", unit="s")
             for name in ("classify", "lookup", "tokenizer", "commit")
@@ -98,6 +114,10 @@ class Metrics:
         """The split the client saw: read tokens by where the read came from."""
         if found.split.read and found.model is not None:
             self._reads.add((found.model, found.read_source.value), found.split.read)
+
+    def join(self, wait: str) -> None:
+        """A join of a classification: ``ready``, ``waited`` or ``extended`` (timer extended)."""
+        self._joins.add((wait,))
 
     def classify_result(self, result: str) -> None:
         self._classify_results.add((result,))
@@ -177,9 +197,45 @@ class Metrics:
             "extproc.tokenizer_rejections", [observe], description="Counts refused: queue full"
         )
 
+    def observe_tokenizer_retries(self, retries: Callable[[], int]) -> None:
+        """Export the tokenizer service calls retried (after a 503 or a dropped connection)."""
+
+        def observe(_options: CallbackOptions) -> Iterable[Observation]:
+            yield Observation(retries())
+
+        self._meter.create_observable_counter(
+            "extproc.tokenizer_retries", [observe], description="Tokenizer service retries"
+        )
+
     def timed(self, name: str) -> AbstractContextManager[None]:
-        """Record the duration of the block in the ``name`` histogram, even when it fails."""
-        return Timer(self._durations[name])
+        """Record the duration of the block in the ``name`` histogram, even when it fails.
+
+        With tracing on, the block is also a span, a child of the current one.
+        """
+        timer = Timer(self._durations[name])
+        if self.tracer is None:
+            return timer
+        return TracedTimer(timer, self.tracer.start_as_current_span(SPAN_NAMES[name]))
+
+
+class TracedTimer:
+    """A ``Timer`` that is also a span (tracing on)."""
+
+    __slots__ = ("_span", "_timer")
+
+    def __init__(self, timer: Timer, span: AbstractContextManager[Any]) -> None:
+        self._timer = timer
+        self._span = span
+
+    def __enter__(self) -> None:
+        self._span.__enter__()
+        self._timer.__enter__()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._timer.__exit__(kind, exc, tb)
+        self._span.__exit__(kind, exc, tb)
 
 
 def _memo_results(stats: MemoStats) -> tuple[tuple[str, int], ...]:
@@ -221,17 +277,22 @@ class MetricsServer:
         self.provider.shutdown()
 
 
-def start_metrics(host: str | None, port: int) -> tuple[Metrics, MetricsServer]:
-    """Metrics exported on ``host:port`` for Prometheus; ``host=None`` records nothing out."""
+def start_metrics(
+    host: str | None, port: int, tracer: Tracer | None = None
+) -> tuple[Metrics, MetricsServer]:
+    """Metrics exported on ``host:port`` for Prometheus; ``host=None`` records nothing out.
+
+    ``tracer`` (tracing on) makes every timed step a span as well.
+    """
     if host is None:
         provider = meter_provider(())
-        return Metrics(provider.get_meter(METER_NAME)), MetricsServer(None, provider)
+        return Metrics(provider.get_meter(METER_NAME), tracer), MetricsServer(None, provider)
     from opentelemetry.exporter.prometheus import PrometheusMetricReader
     from prometheus_client import start_http_server
 
     provider = meter_provider((PrometheusMetricReader(),))
     server, _thread = start_http_server(port, addr=host)
-    return Metrics(provider.get_meter(METER_NAME)), MetricsServer(server, provider)
+    return Metrics(provider.get_meter(METER_NAME), tracer), MetricsServer(server, provider)
 
 
 # ---- timed tokenizer ----
