@@ -269,7 +269,9 @@ def start_envoy(
     except EnvoyConfError as exc:
         raise DevStackError(str(exc)) from None
     argv = (envoy_binary(), "-c", str(config), "--disable-hot-restart", "--log-level", "warn")
-    child = supervisor.start(ChildSpec("envoy", (*argv, "--concurrency", "2")))
+    # The access log reaches its file within a second (Envoy's default is every 10 s).
+    flush = ("--file-flush-interval-msec", "1000")
+    child = supervisor.start(ChildSpec("envoy", (*argv, *flush, "--concurrency", "2")))
     ready = f"http://127.0.0.1:{admin}/ready"
     wait_until(lambda: _http_ok(ready), child, "Envoy", READY_TIMEOUT_S)
     shown = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)

@@ -9,6 +9,7 @@ import pytest
 
 from tests.commands.test_admin import run, run_json, use_database
 
+# Live entries expire days from now, long after any test ends; expired ones a day ago.
 NOW = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
 
 
@@ -16,14 +17,14 @@ NOW = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
 def db(monkeypatch: pytest.MonkeyPatch, database_url: str) -> str:
     use_database(monkeypatch, database_url)
     rows = [
-        ("tenant-a", "m1", "5m", 100, NOW + datetime.timedelta(minutes=4)),
-        ("tenant-a", "m1", "5m", 250, NOW + datetime.timedelta(minutes=3)),
-        ("tenant-a", "m1", "1h", 40, NOW + datetime.timedelta(minutes=50)),
-        ("tenant-a", "m1", "24h", 7, NOW + datetime.timedelta(hours=20)),
-        ("tenant-a", "m1", "5m", 999, NOW - datetime.timedelta(minutes=1)),  # expired
-        ("tenant-a", "m2", "1h", 30, NOW + datetime.timedelta(minutes=30)),
-        ("tenant-b", "m1", "5m", 12, NOW + datetime.timedelta(minutes=2)),
-        ("tenant-c", "m1", "1h", 5, NOW - datetime.timedelta(hours=1)),  # nothing live
+        ("tenant-a", "m1", "5m", 100, NOW + datetime.timedelta(days=4)),
+        ("tenant-a", "m1", "5m", 250, NOW + datetime.timedelta(days=3)),
+        ("tenant-a", "m1", "1h", 40, NOW + datetime.timedelta(days=50)),
+        ("tenant-a", "m1", "24h", 7, NOW + datetime.timedelta(days=20)),
+        ("tenant-a", "m1", "5m", 999, NOW - datetime.timedelta(days=1)),  # expired
+        ("tenant-a", "m2", "1h", 30, NOW + datetime.timedelta(days=30)),
+        ("tenant-b", "m1", "5m", 12, NOW + datetime.timedelta(days=2)),
+        ("tenant-c", "m1", "1h", 5, NOW - datetime.timedelta(days=2)),  # nothing live
     ]
     with psycopg.connect(database_url, autocommit=True) as conn:
         for i, (principal, model, tier, tokens, expires) in enumerate(rows):
@@ -49,7 +50,7 @@ def test_json_per_principal_and_model(db: str, capsys: pytest.CaptureFixture[str
             "tokens_5m": 350,
             "tokens_1h": 40,
             "tokens_24h": 7,
-            "oldest_expiry": _at(datetime.timedelta(minutes=3)),
+            "oldest_expiry": _at(datetime.timedelta(days=3)),
         },
         {
             "principal": "tenant-a",
@@ -58,7 +59,7 @@ def test_json_per_principal_and_model(db: str, capsys: pytest.CaptureFixture[str
             "tokens_5m": 0,
             "tokens_1h": 30,
             "tokens_24h": 0,
-            "oldest_expiry": _at(datetime.timedelta(minutes=30)),
+            "oldest_expiry": _at(datetime.timedelta(days=30)),
         },
         {
             "principal": "tenant-b",
@@ -67,7 +68,7 @@ def test_json_per_principal_and_model(db: str, capsys: pytest.CaptureFixture[str
             "tokens_5m": 12,
             "tokens_1h": 0,
             "tokens_24h": 0,
-            "oldest_expiry": _at(datetime.timedelta(minutes=2)),
+            "oldest_expiry": _at(datetime.timedelta(days=2)),
         },
     ]
 

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from extproc.core import codec
+from tests.deploy.monitoring import names_used
 from tests.e2e.chat import (
     CHAT,
     Answer,
@@ -198,3 +199,16 @@ def test_the_metrics_endpoint_counts_the_reads(stack: Stack) -> None:
     assert value(samples, "extproc_read_tokens_total", model="demo", source="index") >= read
     assert value(samples, "extproc_outcomes_total", model="demo", outcome="read") >= 1
     assert value(samples, "extproc_outcomes_total", model="demo", outcome="create_only") >= 1
+
+
+def test_the_dashboard_and_the_rules_query_only_exported_metrics(stack: Stack) -> None:
+    key = stack.new_key()
+    bad = cached_request()
+    bad["messages"][0]["content"][0]["cache_control"] = {"type": "persistent"}
+    rejected, _agent = _post(stack, bad, key)
+    _post(stack, cached_request(stream=True), key, Answer(tag=tag(), error_frame=True))
+    wait_for_read(stack, cached_request(question="What was catered?"), key)
+    exported = {sample.name for sample in scrape(f"http://{METRICS}/metrics")}
+
+    assert rejected.status_code == 400
+    assert names_used() - exported == set()
