@@ -5,8 +5,10 @@ accepted (before its reply, so it overlaps the upstream call) and is joined, und
 classify deadline, only where the session asks for it. A join that outlasts what Envoy's
 ``message_timeout`` allows first sends a message carrying only ``override_message_timeout``,
 so a slow dependency ends in "no caching", never in a 504. Commits run after the end-of-stream
-reply as tracked tasks under their own deadline. Foreign exceptions are mapped in ``_classify``
-and ``CommitTracker._run`` only; ``asyncio.CancelledError`` always propagates.
+reply as tracked tasks under their own deadline. The reply that completes the response carries
+the accounting record (``core.record``) as Envoy dynamic metadata. Foreign exceptions are
+mapped in ``_classify`` and ``CommitTracker._run`` only; ``asyncio.CancelledError`` always
+propagates.
 """
 
 from __future__ import annotations

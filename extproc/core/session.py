@@ -20,7 +20,9 @@ Rules:
 * the classification is asked for only at the end of a JSON answer or at the first final SSE
   usage frame (``answers``), never on response headers;
 * the verdict (``Settled``) is decided only on the response's end of stream (or trailers); a
-  non-2xx status vetoes at once; ``end`` reports the veto of a stream cut short.
+  non-2xx status vetoes at once; ``end`` reports the veto of a stream cut short;
+* ``Settled`` carries the classification and the upstream's final usage (what the accounting
+  record is built from); a chat request's 2xx answer that is not watched is ``Unwatched``.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from extproc.adapters.telemetry import METER_NAME, Metrics, TimedTokenizer, mete
 from extproc.core import codec
 from extproc.core.classify import ClassifyPorts
 from extproc.core.session import SessionPolicy
-from tests.plugins.grpc_server import API_KEY, MODEL, EnvoySide, FakePorts
+from tests.plugins.grpc_server import API_KEY, MODEL, EnvoySide, FakePorts, http_headers
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -223,3 +223,11 @@ async def servicer_drained(server: Traced) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("the commit never finished")
+
+
+def test_the_trace_context_comes_from_the_request_headers_too() -> None:
+    headers = http_headers({":path": "/v1/chat/completions", "traceparent": TRACEPARENT})
+    request = pb.ProcessingRequest(request_headers=headers)
+
+    assert proto.trace_carrier(request) == {"traceparent": TRACEPARENT}
+    assert proto.trace_carrier(_body_first(None)) == {}
