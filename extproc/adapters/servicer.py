@@ -40,6 +40,7 @@ from extproc.core.phases import (
     Settled,
     StartClassify,
     Unwatched,
+    UsageSent,
 )
 from extproc.core.ports import PrefixIndex
 from extproc.core.session import Session, SessionPolicy
@@ -215,7 +216,8 @@ class Pump:
         self._settle(later)
         if found is not None:
             self._found = found
-            self._deps.metrics.recorded(found)
+            if not any(isinstance(e, UsageSent) for e in later):  # the last one, counted once
+                self._deps.metrics.recorded(found)
 
     def close(self) -> None:
         """The stream ended: cancel an unjoined classification; no verdict means no commit."""
@@ -291,6 +293,8 @@ class Pump:
                 return self._shown(record.of_settled(effect, record.CHAT_ROUTE))
             if isinstance(effect, Unwatched):
                 return self._shown(record.of_unwatched(effect, _NOT_JOINED, record.CHAT_ROUTE))
+            if isinstance(effect, UsageSent):
+                return self._shown(record.of_usage_sent(effect, record.CHAT_ROUTE))
         return None
 
     def _shown(self, found: record.Record) -> record.Record:

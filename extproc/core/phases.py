@@ -214,6 +214,17 @@ class Settled:
 
 
 @dataclass(frozen=True, slots=True)
+class UsageSent:
+    """A stream's final usage went out before its end: the record so far, in case it is cut.
+
+    ``usage`` is the upstream's usage object; the verdict (``Settled``) comes at the end.
+    """
+
+    classification: Classification | None
+    usage: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class Unwatched:
     """A chat request's 2xx answer passes unedited: nothing of it is seen, nothing commits.
 
@@ -230,7 +241,7 @@ class Ended:
     veto: VetoReason | None
 
 
-Effect = StartClassify | RequestRead | Classified | Rejected | Settled | Unwatched
+Effect = StartClassify | RequestRead | Classified | Rejected | Settled | UsageSent | Unwatched
 
 
 @dataclass(frozen=True, slots=True)

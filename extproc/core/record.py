@@ -5,6 +5,9 @@ Rules:
   ``Unwatched``), active, zero-active and inactive alike; an inactive one says why (``reason``);
 * the split is the one the client saw: the engine's own read for an engine read, capped by
   ``prompt_tokens`` the way the usage edit caps it; no usage seen, no cap;
+* a stream whose final usage went out before its end gets a record then, with the commit
+  ``no_end_of_stream``; the record of its end replaces every field (a stream cut in between
+  keeps the first);
 * ``commit`` is ``scheduled`` when a write goes to the index, the veto reason when the verdict
   refused the response, ``none`` when there was nothing to commit and ``unwatched`` when an
   answer that had something to commit passed unseen;
@@ -20,8 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from extproc.core.model import Classification, Split, Tier
-from extproc.core.phases import Settled, Unwatched
+from extproc.core.phases import Settled, Unwatched, UsageSent
 from extproc.core.usage import capped, engine_split
+from extproc.core.verdict import VetoReason
 
 NAMESPACE = "extproc.prompt_cache"
 CHAT_ROUTE = "chat_completions"
@@ -85,6 +89,12 @@ def of_settled(settled: Settled, route: str) -> Record:
     else:
         commit = Commit.NONE.value
     return _record(settled.classification, settled.usage, route, commit)
+
+
+def of_usage_sent(sent: UsageSent, route: str) -> Record:
+    """The record of a stream whose final usage went out: not committed until its end."""
+    commit = VetoReason.NO_END_OF_STREAM.value
+    return _record(sent.classification, sent.usage, route, commit)
 
 
 def of_unwatched(unwatched: Unwatched, fallback: Classification, route: str) -> Record:

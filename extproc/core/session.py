@@ -22,7 +22,9 @@ Rules:
 * the verdict (``Settled``) is decided only on the response's end of stream (or trailers); a
   non-2xx status vetoes at once; ``end`` reports the veto of a stream cut short;
 * ``Settled`` carries the classification and the upstream's final usage (what the accounting
-  record is built from); a chat request's 2xx answer that is not watched is ``Unwatched``.
+  record is built from); a stream's first final usage frame sent before its end is
+  ``UsageSent`` (a record in case the stream is cut); a chat request's 2xx answer that is not
+  watched is ``Unwatched``.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ from extproc.core.phases import (
     Step,
     Turn,
     Unwatched,
+    UsageSent,
     WatchResponse,
 )
 from extproc.core.request import Prepared
@@ -121,6 +124,7 @@ class Session:
         self._sse: SseAnswer | None = None
         self._held: list[bytes] = []
         self._json_streamed = False
+        self._usage_sent = False
 
     # ---- public API ----
 
@@ -330,6 +334,9 @@ class Session:
             return NEED_CLASSIFICATION
         if answer.ended:
             self._settle_stream()
+        elif answer.final_usage is not None and not self._usage_sent:
+            self._usage_sent = True
+            self._effects.append(UsageSent(self.classification, answer.final_usage))
         return CONTINUE if out == answer.chunk else EmitChunk(out)
 
     def _on_sse_trailers(self, _event: ResponseTrailers) -> Step:

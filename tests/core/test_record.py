@@ -19,7 +19,7 @@ from extproc.core.model import (
     Split,
     Tier,
 )
-from extproc.core.phases import Settled, Unwatched
+from extproc.core.phases import Settled, Unwatched, UsageSent
 from extproc.core.verdict import COMMIT, Verdict, VetoReason
 
 TENANT = PrincipalId("tenant-a")
@@ -151,3 +151,10 @@ def test_unwatched_record(classification: Classification | None, commit: str, re
     fields = record.of_unwatched(Unwatched(classification), fallback, "chat_completions").fields()
 
     assert (fields["commit"], fields["reason"], fields["prompt_tokens"]) == (commit, reason, None)
+
+
+def test_a_stream_whose_usage_went_out_is_not_committed_until_its_end() -> None:
+    fields = record.of_usage_sent(UsageSent(CREATED, USAGE), "chat_completions").fields()
+
+    assert (fields["outcome"], fields["commit"]) == ("create_only", "no_end_of_stream")
+    assert (fields["creation_1h"], fields["prompt_tokens"]) == (100, 1000)

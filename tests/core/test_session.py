@@ -980,3 +980,15 @@ def test_a_non_chat_answer_is_not_reported() -> None:
     session.receive(s.ResponseHeaders(200, "application/json"))
 
     assert session.effects == []
+
+
+def test_a_streams_usage_sent_before_its_end_is_reported_once() -> None:
+    session = open_chat()
+    session.offer(ACTIVE)
+    session.receive(s.ResponseHeaders(200, "text/event-stream"))
+    session.receive(s.ResponseBody(sse(CHUNK, USAGE_FRAME)))
+    session.receive(s.ResponseBody(sse(USAGE_FRAME)))
+    session.receive(s.ResponseBody(sse(b"[DONE]"), True))
+
+    assert session._of(s.UsageSent) == [s.UsageSent(ACTIVE, USAGE)]
+    assert len(session._of(s.Settled)) == 1
