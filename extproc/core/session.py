@@ -334,7 +334,7 @@ class Session:
             return NEED_CLASSIFICATION
         if answer.ended:
             self._settle_stream()
-        elif answer.final_usage is not None and not self._usage_sent:
+        elif not self._usage_sent and answer.final_usage is not None:
             self._usage_sent = True
             self._effects.append(UsageSent(self.classification, answer.final_usage))
         return CONTINUE if out == answer.chunk else EmitChunk(out)

@@ -7,6 +7,8 @@ and commits make their own spans); spans are read from the SDK's in-memory expor
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 
 import grpc
@@ -231,3 +233,17 @@ def test_the_trace_context_comes_from_the_request_headers_too() -> None:
 
     assert proto.trace_carrier(request) == {"traceparent": TRACEPARENT}
     assert proto.trace_carrier(_body_first(None)) == {}
+
+
+def test_off_the_server_imports_neither_the_trace_sdk_nor_an_exporter() -> None:
+    probe = (
+        "import sys, extproc.app\n"
+        "from extproc.adapters.tracing import tracer_from_env\n"
+        "assert tracer_from_env({}) is None\n"
+        "print(sorted(m for m in sys.modules if m.startswith(("
+        "'opentelemetry.sdk.trace', 'opentelemetry.exporter.otlp'))))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "[]"
