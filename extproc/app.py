@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -38,7 +39,8 @@ from extproc.adapters.telemetry import (
 )
 from extproc.adapters.tokenizers import build_tokenizer
 from extproc.adapters.tokenizers_remote import RemoteTimeouts
-from extproc.config import HostPort, Settings
+from extproc.adapters.tracing import tracer_from_env
+from extproc.config import HostPort, PrincipalKind, Settings
 from extproc.core.classify import ClassifyPorts
 from extproc.core.defaults import SERVICE_NAME, reply_budget_ms, reply_margin_ms
 from extproc.core.errors import DependencyError, ExtprocError
@@ -157,6 +159,8 @@ class App:
         metrics.observe_index(index.memo.stats)
         metrics.observe_breakers([database, service] if s.tokenizer_url else [database])
         metrics.observe_tokenizer_queue(lambda: tokenizer.embedded.rejected)
+        remote = tokenizer.remote
+        metrics.observe_tokenizer_retries(lambda: 0 if remote is None else remote.retries)
         self._commits = servicer.CommitTracker(index, s.commit_deadline_ms / 1000, metrics)
         ports = ClassifyPorts(
             principals, models, index, TimedTokenizer(tokenizer, metrics), s.engine_cache
@@ -167,6 +171,7 @@ class App:
             deadlines=deadlines(s),
             commits=self._commits,
             metrics=metrics,
+            record_principal=s.principal_source.kind is not PrincipalKind.KEY_HASH,
         )
 
     def _start_sweeper(self, pool: postgres.Pool) -> None:
@@ -263,7 +268,9 @@ async def run(settings: Settings, *, reuse_port: bool = False, link: Link | None
         loop.add_signal_handler(sig, stopping.set)
     metrics_host = settings.metrics_listen.host if settings.metrics_listen else None
     metrics_port = settings.metrics_listen.port if settings.metrics_listen else 0
-    metrics, metrics_server = start_metrics(metrics_host, metrics_port)
+    traces = tracer_from_env(os.environ)
+    tracer = None if traces is None else traces.tracer
+    metrics, metrics_server = start_metrics(metrics_host, metrics_port, tracer)
     metrics.observe_tasks(loop)
     app = App(settings, reuse_port=reuse_port)
     follower = None if link is None else await link.join(app.set_strength, stopping.set)
@@ -278,6 +285,8 @@ async def run(settings: Settings, *, reuse_port: bool = False, link: Link | None
             follower.cancel()
         await app.stop()
         metrics_server.close()
+        if traces is not None:
+            traces.shutdown()  # flushes the spans still batched
         log_event(log, logging.INFO, "stopped")
 
 

@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "extproc.commands.dev",
     "extproc.commands.migrate",
     "extproc.commands.admin",
+    "extproc.commands.report",
     "extproc.commands.serve",
     "extproc.commands.tokenizer",
 )

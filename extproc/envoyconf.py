@@ -44,6 +44,9 @@ UPSTREAM_CLUSTER = "llm"
 EXTPROC_CLUSTER = "ext_proc"
 EXTPROC_FILTER = "envoy.filters.http.ext_proc"
 EARLY_HEADER_MUTATION = "envoy.http.early_header_mutation.header_mutation"
+STDOUT_LOG = "envoy.access_loggers.stdout"
+FILE_LOG = "envoy.access_loggers.file"
+FILE_LOG_TYPE = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
 
 
 class Layout(enum.Enum):
@@ -105,6 +108,8 @@ class EnvoyOptions:
     # before any HTTP filter runs, so only the authentication filter's value reaches ext_proc.
     principal_header: str = DEFAULT_PRINCIPAL_HEADER
     layout: Layout = Layout.BODY_FIRST
+    # Where the JSON access log goes: Envoy's stdout (``None``, as shipped) or this file.
+    access_log_path: str | None = None
 
     @property
     def max_message_timeout_ms(self) -> int:
@@ -189,9 +194,20 @@ def _patch_listener(listener: dict[str, Any], options: EnvoyOptions) -> None:
     ext_proc = _named(hcm["http_filters"], EXTPROC_FILTER)["typed_config"]
     _patch_principal_attribute(ext_proc, options.principal_header)
     _patch_layout(hcm, ext_proc, options.layout)
+    if options.access_log_path is not None:
+        _patch_access_log(hcm, options.access_log_path)
     ext_proc["failure_mode_allow"] = options.fail_open
     ext_proc["message_timeout"] = _duration(options.message_timeout_ms)
     ext_proc["max_message_timeout"] = _duration(options.max_message_timeout_ms)
+
+
+def _patch_access_log(hcm: dict[str, Any], path: str) -> None:
+    """The same JSON access log, written to the file ``path`` instead of stdout."""
+    for log in hcm["access_log"]:
+        if log["name"] == STDOUT_LOG:
+            log["name"] = FILE_LOG
+            log_format = log["typed_config"]["log_format"]
+            log["typed_config"] = {"@type": FILE_LOG_TYPE, "path": path, "log_format": log_format}
 
 
 def _patch_principal_strip(hcm: dict[str, Any], header: str) -> None:
@@ -309,6 +325,12 @@ def _parser() -> argparse.ArgumentParser:
     render_cmd.add_argument("--message-timeout-ms", type=int, default=defaults.message_timeout_ms)
     render_cmd.add_argument("--fail-open", action="store_true")
     render_cmd.add_argument(
+        "--access-log",
+        metavar="PATH",
+        default=None,
+        help="write the JSON access log to this file instead of Envoy's stdout",
+    )
+    render_cmd.add_argument(
         "--principal-header",
         metavar="NAME",
         default=defaults.principal_header,
@@ -342,6 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         message_timeout_ms=args.message_timeout_ms,
         principal_header=args.principal_header,
         layout=Layout(args.layout),
+        access_log_path=args.access_log,
     )
     try:
         sys.stdout.write(render(options))

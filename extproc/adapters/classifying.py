@@ -6,6 +6,7 @@ Rules:
 * it is joined under the classify deadline, counted from the join; a join that outlasts what
   Envoy's ``message_timeout`` allows first hands out an ``override_message_timeout`` message
   (``wait_briefly``), then waits out the rest (``wait_rest``);
+* the task runs in ``context`` when given (tracing: its spans are the stream span's children);
 * the result is delivered once, recording its classify result and outcome metrics; a
   classification still running when the stream ends is cancelled (``cancel``).
 """
@@ -13,6 +14,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from dataclasses import dataclass
@@ -57,6 +59,7 @@ class Classifying:
         deadlines: Deadlines,
         metrics: Metrics,
         request_id: str,
+        context: contextvars.Context | None = None,
     ) -> None:
         self._deadlines = deadlines
         self._metrics = metrics
@@ -64,7 +67,8 @@ class Classifying:
         self._failed = False
         self.delivered = False
         self._join_started = 0.0
-        self._task = asyncio.get_running_loop().create_task(self._run(job, ports))
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(job, ports), context=context)
 
     def ready(self) -> Classification | None:
         """The result, if it is there already and not yet delivered."""
@@ -75,13 +79,16 @@ class Classifying:
     async def wait_briefly(self) -> bytes | None:
         """Wait as long as Envoy's timer allows; the extension to send if that was not enough."""
         if self._task.done():
+            self._metrics.join("ready")
             return None
         d = self._deadlines
         self._join_started = time.monotonic()
         await asyncio.wait({self._task}, timeout=min(d.classify_s, d.reply_budget_s))
         left = d.classify_s - (time.monotonic() - self._join_started)
         if self._task.done() or left <= 0:
+            self._metrics.join("waited")
             return None
+        self._metrics.join("extended")
         return proto.extend_timeout(min(d.max_message_s, left + d.margin_s))
 
     async def wait_rest(self) -> None:

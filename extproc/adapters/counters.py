@@ -4,14 +4,17 @@ Rules:
 * a ``Counts`` is integers keyed by label values, incremented without building an attribute
   dict; an observable counter reads them (a copy, since collection runs in another thread)
   when metrics are collected, and each label set's attribute dict is built once;
-* a ``Timer`` records the seconds of its block in a histogram, even when the block fails.
+* a ``Timer`` records the seconds of its block in a histogram, even when the block fails; a
+  ``TracedTimer`` is a ``Timer`` whose block is also a span (tracing on).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from types import TracebackType
+from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Histogram, Meter, Observation
 
@@ -59,3 +62,23 @@ class Timer:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._histogram.record(time.perf_counter() - self._start)
+
+
+class TracedTimer:
+    """A ``Timer`` whose block is also a span (``span`` is the span's context manager)."""
+
+    __slots__ = ("_span", "_timer")
+
+    def __init__(self, timer: Timer, span: AbstractContextManager[Any]) -> None:
+        self._timer = timer
+        self._span = span
+
+    def __enter__(self) -> None:
+        self._span.__enter__()
+        self._timer.__enter__()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._timer.__exit__(kind, exc, tb)
+        self._span.__exit__(kind, exc, tb)

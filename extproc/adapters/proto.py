@@ -22,7 +22,7 @@ header mode ignored) against ``allowed_override_modes``, so the Envoy config mus
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 from google.protobuf import duration_pb2
@@ -31,6 +31,7 @@ from extproc._envoy_api.envoy.config.core.v3 import base_pb2
 from extproc._envoy_api.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from extproc._envoy_api.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from extproc.core import phases as s
+from extproc.core.route import header_attribute
 
 _Mode = processing_mode_pb2.ProcessingMode
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -132,6 +133,19 @@ def _response_code(request: pb.ProcessingRequest) -> int | None:
         return None
     value = request.attributes[FILTER_NAME].fields.get(RESPONSE_CODE)
     return int(value.number_value) if value is not None and value.HasField("number_value") else None
+
+
+TRACE_HEADERS = ("traceparent", "tracestate")
+
+
+def trace_carrier(request: pb.ProcessingRequest) -> dict[str, str]:
+    """The W3C trace-context headers of a stream's first message (headers or attributes)."""
+    if request.HasField("request_headers"):
+        headers = header_map(request.request_headers)
+        return {name: headers[name] for name in TRACE_HEADERS if name in headers}
+    attributes = _string_attributes(request) or {}
+    found = {name: attributes.get(header_attribute(name)) for name in TRACE_HEADERS}
+    return {name: value for name, value in found.items() if value}
 
 
 def _request_trailers(_request: pb.ProcessingRequest) -> s.Event:
@@ -294,6 +308,17 @@ def _watch(mode: s.ResponseMode) -> pb.ProcessingResponse:
     else:
         reply.mode_override.CopyFrom(_mode_override(_Mode.SEND, _Mode.BUFFERED))
     return reply
+
+
+def with_metadata(reply: bytes, namespace: str, fields: Mapping[str, str | int | None]) -> bytes:
+    """``reply`` that also sets Envoy dynamic metadata ``namespace`` to ``fields``.
+
+    Serialised protobuf messages merge when concatenated: the reply's bytes stay as they are,
+    followed by a message that sets only ``dynamic_metadata``.
+    """
+    extra = pb.ProcessingResponse()
+    extra.dynamic_metadata.fields[namespace].struct_value.update(fields)
+    return reply + extra.SerializeToString()
 
 
 _CONTINUE = {phase: _continue(phase).SerializeToString() for phase in Phase}

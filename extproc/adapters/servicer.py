@@ -5,24 +5,29 @@ accepted (before its reply, so it overlaps the upstream call) and is joined, und
 classify deadline, only where the session asks for it. A join that outlasts what Envoy's
 ``message_timeout`` allows first sends a message carrying only ``override_message_timeout``,
 so a slow dependency ends in "no caching", never in a 504. Commits run after the end-of-stream
-reply as tracked tasks under their own deadline. Foreign exceptions are mapped in ``_classify``
-and ``CommitTracker._run`` only; ``asyncio.CancelledError`` always propagates.
+reply as tracked tasks under their own deadline. The reply that completes the response carries
+the accounting record (``core.record``) as Envoy dynamic metadata. Foreign exceptions are
+mapped in ``_classify`` and ``CommitTracker._run`` only; ``asyncio.CancelledError`` always
+propagates.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import cast
 
 import grpc
+from opentelemetry.trace import Span
 
 from extproc._envoy_api.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from extproc.adapters import proto
+from extproc.adapters import proto, tracing
 from extproc.adapters.classifying import Classifying, Deadlines
 from extproc.adapters.telemetry import Metrics, log_event
+from extproc.core import record
 from extproc.core.classify import ClassifyPorts
 from extproc.core.defaults import SERVICE_NAME
 from extproc.core.errors import DependencyError, SessionStateError
@@ -35,9 +40,12 @@ from extproc.core.phases import (
     RequestRead,
     Settled,
     StartClassify,
+    Unwatched,
+    UsageSent,
 )
 from extproc.core.ports import PrefixIndex
 from extproc.core.session import Session, SessionPolicy
+from extproc.core.verdict import VetoReason
 
 log = logging.getLogger("extproc.servicer")
 _Context = grpc.aio.ServicerContext[pb.ProcessingRequest, bytes]
@@ -56,12 +64,13 @@ class CommitTracker:
     def pending(self) -> int:
         return len(self._tasks)
 
-    def schedule(self, pending: PendingWrite) -> None:
-        """Commit ``pending`` in a task, unless it would write nothing now (``not_due``)."""
+    def schedule(self, pending: PendingWrite, context: contextvars.Context | None = None) -> None:
+        """Commit ``pending`` in a task (run in ``context`` when given: tracing), unless it
+        would write nothing now (``not_due``: a debounced refresh)."""
         if not self._index.due(pending):
             self._metrics.commit_result("not_due")
             return
-        task = asyncio.get_running_loop().create_task(self._run(pending))
+        task = asyncio.get_running_loop().create_task(self._run(pending), context=context)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -105,6 +114,8 @@ class Dependencies:
     deadlines: Deadlines
     commits: CommitTracker
     metrics: Metrics
+    # False when the principal is the key's own hash (key_hash): the record then leaves it out.
+    record_principal: bool = True
 
 
 SERVICE = SERVICE_NAME
@@ -145,6 +156,7 @@ class ExternalProcessor:
         if self._deps is None:  # abort raises: the stream ends here
             await context.abort(grpc.StatusCode.UNAVAILABLE, "extproc is starting")
         pump = Pump(self._deps, context.write)
+        self._deps.metrics.streams_open += 1
         try:
             while True:
                 message: object = await context.read()  # the stubs leave out EOF
@@ -156,6 +168,7 @@ class ExternalProcessor:
             log_event(log, logging.ERROR, "protocol error", error=str(err))
             await context.abort(grpc.StatusCode.INTERNAL, f"ext_proc protocol error: {err}")
         finally:
+            self._deps.metrics.streams_open -= 1
             pump.close()
 
 
@@ -176,7 +189,10 @@ class Pump:
         self._classifying: Classifying | None = None
         self._read = False
         self._outcome_recorded = False
+        self._span: Span | None = None
+        self._found: record.Record | None = None
         self._later: list[Effect] = []
+        self._replied: record.Record | None = None
 
     async def answer(self, message: pb.ProcessingRequest) -> bytes:
         """The reply to ``message``; a join that needs it first sends a timer extension.
@@ -184,6 +200,9 @@ class Pump:
         What the reply settles (a commit, a metric) waits for ``settle``, after the reply.
         """
         phase, event = proto.to_event(message)
+        tracer = self._deps.metrics.tracer
+        if tracer is not None and self._span is None:
+            self._span = tracing.start_stream(tracer, proto.trace_carrier(message))
         if phase in _OFFER_PHASES:
             self._offer_if_ready()
         turn = self.session.receive(event)
@@ -201,23 +220,22 @@ class Pump:
             step = turn.step
             if isinstance(step, NeedClassification):
                 raise SessionStateError("the session still waits after its classification")
-        return proto.to_reply(phase, step)
+        reply = proto.to_reply(phase, step)
+        found = self._record_of(self._later)
+        if found is not None:  # the reply that completes the response carries the record
+            reply = proto.with_metadata(reply, record.NAMESPACE, found.fields())
+        self._replied = found
+        return reply
 
     def settle(self) -> None:
-        """The reply went out: do what it settled (record metrics, schedule the commit)."""
+        """The reply went out: do what it settled (metrics, the commit, the record's count)."""
         later, self._later = self._later, []
-        metrics = self._deps.metrics
-        for effect in later:
-            if isinstance(effect, RequestRead):
-                self._read = True
-                metrics.request(effect.had_markers)
-            elif isinstance(effect, Classified):
-                self._outcome_recorded = True
-                metrics.outcome(effect.classification)
-            elif isinstance(effect, Rejected):
-                metrics.rejection(effect.error.reason.value)
-            elif isinstance(effect, Settled):
-                self._record(effect)
+        self._settle(later)
+        found, self._replied = self._replied, None
+        if found is not None:
+            self._found = found
+            if not any(isinstance(e, UsageSent) for e in later):  # the last one, counted once
+                self._deps.metrics.recorded(found)
 
     def close(self) -> None:
         """The stream ended: cancel an unjoined classification; no verdict means no commit."""
@@ -228,6 +246,28 @@ class Pump:
             self._deps.metrics.veto(veto.value)
         if self._read and not self._outcome_recorded and not self._delivered:
             self._deps.metrics.outcome(_NOT_JOINED)
+        if self._span is not None:
+            self._end_span(self._span, veto)
+
+    def _end_span(self, span: Span, veto: VetoReason | None) -> None:
+        span.set_attribute("extproc.request_id", self.session.request_id)
+        found = self._found
+        if found is not None:
+            span.set_attributes(
+                {
+                    "extproc.outcome": found.outcome,
+                    "extproc.reason": found.reason,
+                    "extproc.commit": found.commit,
+                    "extproc.route": found.route,
+                }
+            )
+        elif veto is not None:
+            span.set_attribute("extproc.commit", veto.value)
+        span.end()
+
+    def _task_context(self) -> contextvars.Context | None:
+        """Where a task of this stream runs: with the stream span when tracing."""
+        return None if self._span is None else tracing.task_context(self._span)
 
     @property
     def _delivered(self) -> bool:
@@ -243,16 +283,45 @@ class Pump:
                     self._deps.deadlines,
                     self._deps.metrics,
                     self.session.request_id,
+                    self._task_context(),
                 )
             else:
                 self._later.append(effect)
+
+    def _settle(self, effects: list[Effect]) -> None:
+        metrics = self._deps.metrics
+        for effect in effects:
+            if isinstance(effect, RequestRead):
+                self._read = True
+                metrics.request(effect.had_markers)
+            elif isinstance(effect, Classified):
+                self._outcome_recorded = True
+                metrics.outcome(effect.classification)
+            elif isinstance(effect, Rejected):
+                metrics.rejection(effect.error.reason.value)
+            elif isinstance(effect, Settled):
+                self._record(effect)
+
+    def _record_of(self, effects: list[Effect]) -> record.Record | None:
+        """The accounting record when these effects complete the response."""
+        for effect in effects:
+            if isinstance(effect, Settled):
+                return self._shown(record.of_settled(effect, record.CHAT_ROUTE))
+            if isinstance(effect, Unwatched):
+                return self._shown(record.of_unwatched(effect, _NOT_JOINED, record.CHAT_ROUTE))
+            if isinstance(effect, UsageSent):
+                return self._shown(record.of_usage_sent(effect, record.CHAT_ROUTE))
+        return None
+
+    def _shown(self, found: record.Record) -> record.Record:
+        return found if self._deps.record_principal else replace(found, principal=None)
 
     def _record(self, settled: Settled) -> None:
         veto = settled.verdict.veto
         if veto is not None and settled.accounted:
             self._deps.metrics.veto(veto.value)
         if settled.pending is not None and not settled.pending.is_empty:
-            self._deps.commits.schedule(settled.pending)
+            self._deps.commits.schedule(settled.pending, self._task_context())
 
     def _offer_if_ready(self) -> None:
         """A classification that finished already is handed over without waiting."""

@@ -5,7 +5,8 @@ cache-enabled models (the alias a classification confirmed), everything else is 
 
 Recording costs no attribute dict and no call into the SDK: counters are plain integers keyed
 by their label values, which observable counters read when metrics are collected; durations
-go to histograms without attributes.
+go to histograms without attributes. With a tracer (``OTEL_*`` configured traces), every timed
+step is also a span; without one, timing costs one ``None`` check more.
 """
 
 from __future__ import annotations
@@ -22,14 +23,17 @@ from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+from opentelemetry.trace import Tracer
 
 from extproc.adapters.breaker import Breaker
-from extproc.adapters.counters import Counts, Timer
+from extproc.adapters.counters import Counts, Timer, TracedTimer
 from extproc.adapters.index_memo import IndexMemoStats
 from extproc.adapters.memo import MemoStats
+from extproc.adapters.tracing import SPAN_NAMES
 from extproc.core import codec
 from extproc.core.model import Classification, TokenCounts
 from extproc.core.ports import Tokenizer
+from extproc.core.record import Record
 
 METER_NAME = "extproc"
 # Seconds; the interesting range is sub-millisecond lookups up to multi-second commits.
@@ -41,8 +45,9 @@ _MARKERS = {True: ("true",), False: ("false",)}
 class Metrics:
     """Every instrument the server records; see the module docstring for the label rules."""
 
-    def __init__(self, meter: Meter) -> None:
+    def __init__(self, meter: Meter, tracer: Tracer | None = None) -> None:
         self._meter = meter
+        self.tracer = tracer
         self._requests = Counts(
             meter, "extproc.requests", ("markers",), "Chat requests with a JSON body, by markers"
         )
@@ -64,6 +69,24 @@ class Metrics:
             "extproc.tokens",
             ("model", "kind", "tier"),
             "Prompt tokens accounted as cache read or creation",
+        )
+        self._reads = Counts(
+            meter,
+            "extproc.read_tokens",
+            ("model", "source"),
+            "Prompt tokens reported to clients as cache reads, by read source (index or engine)",
+        )
+        self._joins = Counts(
+            meter,
+            "extproc.joins",
+            ("wait",),
+            "Joins of a classification: ready at once, waited, or waited past Envoy's timer",
+        )
+        self.streams_open = 0
+        meter.create_observable_up_down_counter(
+            "extproc.streams_in_flight",
+            [lambda _options: (Observation(self.streams_open),)],
+            description="ext_proc streams open now",
         )
         self._durations = {
             name: meter.create_histogram(f"extproc.{name}.duration", unit="s")
@@ -87,6 +110,15 @@ class Metrics:
         for tier, tokens in split.creation.items():
             if tokens:
                 self._tokens.add((model, "creation", tier.value), tokens)
+
+    def recorded(self, found: Record) -> None:
+        """The split the client saw: read tokens by where the read came from."""
+        if found.split.read and found.model is not None:
+            self._reads.add((found.model, found.read_source.value), found.split.read)
+
+    def join(self, wait: str) -> None:
+        """A join of a classification: ``ready``, ``waited`` or ``extended`` (timer extended)."""
+        self._joins.add((wait,))
 
     def classify_result(self, result: str) -> None:
         self._classify_results.add((result,))
@@ -176,9 +208,25 @@ class Metrics:
             "extproc.asyncio_tasks", [observe], description="Tasks alive on the event loop"
         )
 
+    def observe_tokenizer_retries(self, retries: Callable[[], int]) -> None:
+        """Export the tokenizer service calls retried (after a 503 or a dropped connection)."""
+
+        def observe(_options: CallbackOptions) -> Iterable[Observation]:
+            yield Observation(retries())
+
+        self._meter.create_observable_counter(
+            "extproc.tokenizer_retries", [observe], description="Tokenizer service retries"
+        )
+
     def timed(self, name: str) -> AbstractContextManager[None]:
-        """Record the duration of the block in the ``name`` histogram, even when it fails."""
-        return Timer(self._durations[name])
+        """Record the duration of the block in the ``name`` histogram, even when it fails.
+
+        With tracing on, the block is also a span, a child of the current one.
+        """
+        timer = Timer(self._durations[name])
+        if self.tracer is None:
+            return timer
+        return TracedTimer(timer, self.tracer.start_as_current_span(SPAN_NAMES[name]))
 
 
 def _memo_results(stats: MemoStats) -> tuple[tuple[str, int], ...]:
@@ -220,17 +268,22 @@ class MetricsServer:
         self.provider.shutdown()
 
 
-def start_metrics(host: str | None, port: int) -> tuple[Metrics, MetricsServer]:
-    """Metrics exported on ``host:port`` for Prometheus; ``host=None`` records nothing out."""
+def start_metrics(
+    host: str | None, port: int, tracer: Tracer | None = None
+) -> tuple[Metrics, MetricsServer]:
+    """Metrics exported on ``host:port`` for Prometheus; ``host=None`` records nothing out.
+
+    ``tracer`` (tracing on) makes every timed step a span as well.
+    """
     if host is None:
         provider = meter_provider(())
-        return Metrics(provider.get_meter(METER_NAME)), MetricsServer(None, provider)
+        return Metrics(provider.get_meter(METER_NAME), tracer), MetricsServer(None, provider)
     from opentelemetry.exporter.prometheus import PrometheusMetricReader
     from prometheus_client import start_http_server
 
     provider = meter_provider((PrometheusMetricReader(),))
     server, _thread = start_http_server(port, addr=host)
-    return Metrics(provider.get_meter(METER_NAME)), MetricsServer(server, provider)
+    return Metrics(provider.get_meter(METER_NAME), tracer), MetricsServer(server, provider)
 
 
 # ---- timed tokenizer ----

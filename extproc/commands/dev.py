@@ -41,6 +41,7 @@ from extproc.devstack import (
 from extproc.quickstart import check, curl_command
 
 DEFAULT_WORKDIR = Path(".extproc-dev")
+ACCESS_LOG = "access.log"  # under the logs directory
 DEFAULT_MODEL = "demo"
 DEFAULT_MIN_PREFIX_TOKENS = 32
 DEFAULT_TOKENIZER = "tekken"
@@ -260,6 +261,7 @@ def start_envoy(
         admin_port=admin,
         upstream_url=upstream,
         extproc_address=extproc,
+        access_log_path=str(access_log(supervisor.log_dir)),
     )
     try:
         config = workdir / "envoy.yaml"
@@ -267,11 +269,18 @@ def start_envoy(
     except EnvoyConfError as exc:
         raise DevStackError(str(exc)) from None
     argv = (envoy_binary(), "-c", str(config), "--disable-hot-restart", "--log-level", "warn")
-    child = supervisor.start(ChildSpec("envoy", (*argv, "--concurrency", "2")))
+    # The access log reaches its file within a second (Envoy's default is every 10 s).
+    flush = ("--file-flush-interval-msec", "1000")
+    child = supervisor.start(ChildSpec("envoy", (*argv, *flush, "--concurrency", "2")))
     ready = f"http://127.0.0.1:{admin}/ready"
     wait_until(lambda: _http_ok(ready), child, "Envoy", READY_TIMEOUT_S)
     shown = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
     return f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"
+
+
+def access_log(log_dir: Path) -> Path:
+    """Envoy's JSON access log (one object per request, the accounting record included)."""
+    return log_dir / ACCESS_LOG
 
 
 def _http_ok(url: str) -> bool:
@@ -290,7 +299,8 @@ def print_ready(endpoints: Endpoints, args: argparse.Namespace, key_shown: str) 
         f"  extproc metrics    http://{endpoints.metrics}/metrics\n"
         f"  upstream           {upstream}\n"
         f"  PostgreSQL         {redact_password(endpoints.database)}\n"
-        f"  logs               {endpoints.logs}\n\n"
+        f"  logs               {endpoints.logs}\n"
+        f"  access log         {access_log(endpoints.logs)}\n\n"
         f"Try it twice: the first answer's usage shows a cache write "
         f"(cache_creation_input_tokens), the second a read (cache_read_input_tokens).\n\n"
         f"{curl_command(endpoints.url, key_shown, args.model)}\n\n"

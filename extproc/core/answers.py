@@ -13,6 +13,9 @@ Rules:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from extproc.core import sse, usage
 from extproc.core.sse import Kind, SseEvent, StreamFacts
 
@@ -30,6 +33,11 @@ class SseAnswer:
     @property
     def facts(self) -> StreamFacts:
         return self._stream.facts
+
+    @property
+    def final_usage(self) -> Mapping[str, Any] | None:
+        """The upstream's usage object of the last final frame sent, if any."""
+        return self._stream.final_usage
 
     def feed(self, chunk: bytes, end_of_stream: bool) -> None:
         """Take the next chunk; frames it into events to drain."""

@@ -92,7 +92,7 @@ async def classify(request: Prepared, caller: Caller, ports: ClassifyPorts) -> C
     try:
         return await _classify_enabled(request, request.model, config, principal, ports)
     except DependencyError:
-        return Classification.zero("dependency_error", request.model)
+        return Classification.zero("dependency_error", request.model, principal)
 
 
 async def _classify_enabled(
@@ -104,11 +104,11 @@ async def _classify_enabled(
 ) -> Classification:
     if not request.breakpoints:
         if not request.had_markers and ports.engine_cache is EngineCache.REPORT:
-            return Classification.engine_read(alias)
-        return Classification.zero("no_markers", alias)
+            return Classification.engine_read(alias, principal)
+        return Classification.zero("no_markers", alias, principal)
     version = await ports.tokenizer.version(alias)
     if version is None:
-        return Classification.zero("tokenizer_unmapped", alias)
+        return Classification.zero("tokenizer_unmapped", alias, principal)
     scope = Scope(principal, alias, version)
     candidates = walkback_candidates(request.breakpoints, request.hashes)
     hits = await ports.index.lookup(scope, [c.prefix_hash for c in candidates])
@@ -136,11 +136,11 @@ async def _with_writes(
     texts = [block.text for block in request.blocks[start:stop]]
     counts = await tokenizer.count(scope.virtual_model, texts)
     if not _counts_match(counts, scope, len(texts)):
-        return Classification.zero("count_mismatch", scope.virtual_model)
+        return Classification.zero("count_mismatch", scope.virtual_model, scope.principal_id)
     cumulative = _cumulative(read.tokens, start, counts.segment_counts)
     if cumulative[stop - 1] < config.min_prefix_tokens:
         if read.hit is None:
-            return Classification.zero("below_floor", scope.virtual_model)
+            return Classification.zero("below_floor", scope.virtual_model, scope.principal_id)
         return _result(scope, read, (), Split(read=read.tokens), reason="below_floor")
     entries, creation = _writes(request, read, cumulative)
     return _result(scope, read, entries, Split(read=read.tokens, creation=creation))
@@ -197,6 +197,7 @@ def _result(
         pending=None if pending.is_empty else pending,
         reason=reason,
         model=scope.virtual_model,
+        principal=scope.principal_id,
     )
 
 

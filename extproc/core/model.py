@@ -177,7 +177,8 @@ class Classification:
 
     ``split`` is ``None`` exactly when the outcome is inactive (no cache fields of ours);
     ``reason`` says why a request degraded (e.g. ``"no_bearer"``, ``"below_floor"``);
-    ``engine`` means the read is the engine's own prefix-cache hits, taken from the response.
+    ``engine`` means the read is the engine's own prefix-cache hits, taken from the response;
+    ``principal`` is the tenant once it was resolved (never a key or a hash of one).
     """
 
     outcome: Outcome
@@ -186,18 +187,26 @@ class Classification:
     reason: str = ""
     model: str | None = None
     engine: bool = False
+    principal: PrincipalId | None = None
 
     @classmethod
     def inactive(cls, reason: str) -> Classification:
         return cls(Outcome.INACTIVE, reason=reason)
 
     @classmethod
-    def zero(cls, reason: str, model: str) -> Classification:
-        return cls(Outcome.ZERO_ACTIVE, split=Split(), reason=reason, model=model)
+    def zero(cls, reason: str, model: str, principal: PrincipalId | None = None) -> Classification:
+        return cls(
+            Outcome.ZERO_ACTIVE, split=Split(), reason=reason, model=model, principal=principal
+        )
 
     @classmethod
-    def engine_read(cls, model: str) -> Classification:
+    def engine_read(cls, model: str, principal: PrincipalId | None = None) -> Classification:
         """An unmarked request whose read is what the engine reports (DESIGN §3.0.2)."""
         return cls(
-            Outcome.ZERO_ACTIVE, split=Split(), reason="engine_cache", model=model, engine=True
+            Outcome.ZERO_ACTIVE,
+            split=Split(),
+            reason="engine_cache",
+            model=model,
+            engine=True,
+            principal=principal,
         )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from extproc.core.errors import ClientError
 from extproc.core.model import Caller, Classification, PendingWrite
@@ -201,12 +201,37 @@ class Rejected:
 class Settled:
     """The response's verdict; ``pending`` is what to commit (``None``: nothing).
 
-    ``accounted`` says whether the request was being accounted (a veto counts only then).
+    ``accounted`` says whether the request was being accounted (a veto counts only then);
+    ``classification`` and ``usage`` (the upstream's final usage object, if one was seen) are
+    what the accounting record is built from (``record``).
     """
 
     verdict: Verdict
     pending: PendingWrite | None
     accounted: bool
+    classification: Classification | None = None
+    usage: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UsageSent:
+    """A stream's final usage went out before its end: the record so far, in case it is cut.
+
+    ``usage`` is the upstream's usage object; the verdict (``Settled``) comes at the end.
+    """
+
+    classification: Classification | None
+    usage: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Unwatched:
+    """A chat request's 2xx answer passes unedited: nothing of it is seen, nothing commits.
+
+    ``classification`` is what was known by its response headers (``None``: not yet).
+    """
+
+    classification: Classification | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +241,7 @@ class Ended:
     veto: VetoReason | None
 
 
-Effect = StartClassify | RequestRead | Classified | Rejected | Settled
+Effect = StartClassify | RequestRead | Classified | Rejected | Settled | UsageSent | Unwatched
 
 
 @dataclass(frozen=True, slots=True)

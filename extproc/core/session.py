@@ -20,13 +20,17 @@ Rules:
 * the classification is asked for only at the end of a JSON answer or at the first final SSE
   usage frame (``answers``), never on response headers;
 * the verdict (``Settled``) is decided only on the response's end of stream (or trailers); a
-  non-2xx status vetoes at once; ``end`` reports the veto of a stream cut short.
+  non-2xx status vetoes at once; ``end`` reports the veto of a stream cut short;
+* ``Settled`` carries the classification and the upstream's final usage (what the accounting
+  record is built from); a stream's first final usage frame sent before its end is
+  ``UsageSent`` (a record in case the stream is cut); a chat request's 2xx answer that is not
+  watched is ``Unwatched``.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +66,8 @@ from extproc.core.phases import (
     StartClassify,
     Step,
     Turn,
+    Unwatched,
+    UsageSent,
     WatchResponse,
 )
 from extproc.core.request import Prepared
@@ -118,6 +124,7 @@ class Session:
         self._sse: SseAnswer | None = None
         self._held: list[bytes] = []
         self._json_streamed = False
+        self._usage_sent = False
 
     # ---- public API ----
 
@@ -270,6 +277,8 @@ class Session:
         if self._accounted and not route.is_success(status):
             self._settle(end_of_stream=False, usage_seen=False)
             self.state = State.PASSTHROUGH
+        elif self._chat and route.is_success(status):
+            self._effects.append(Unwatched(self.classification))
         return CONTINUE
 
     def _on_streamed_answer(self, event: ResponseBody) -> Step:
@@ -302,7 +311,9 @@ class Session:
     def _finish_json(self) -> Action:
         whole = self._held[0] if len(self._held) == 1 else b"".join(self._held)
         edit = usage.edit_json_body(whole, self._rule)
-        self._settle(end_of_stream=True, usage_seen=edit.usage_seen, error_seen=edit.error_seen)
+        self._settle(
+            edit.usage, end_of_stream=True, usage_seen=edit.usage_seen, error_seen=edit.error_seen
+        )
         if self._json_streamed:
             return (
                 EmitChunk(edit.body) if len(self._held) > 1 or edit.body is not whole else CONTINUE
@@ -323,6 +334,9 @@ class Session:
             return NEED_CLASSIFICATION
         if answer.ended:
             self._settle_stream()
+        elif not self._usage_sent and answer.final_usage is not None:
+            self._usage_sent = True
+            self._effects.append(UsageSent(self.classification, answer.final_usage))
         return CONTINUE if out == answer.chunk else EmitChunk(out)
 
     def _on_sse_trailers(self, _event: ResponseTrailers) -> Step:
@@ -337,20 +351,23 @@ class Session:
         assert self._sse is not None
         facts = self._sse.facts
         self._settle(
+            self._sse.final_usage,
             end_of_stream=True,
             usage_seen=facts.usage_seen,
             error_seen=facts.error_seen,
             oversized=facts.oversized,
         )
 
-    def _settle(self, **facts: bool) -> Step:
+    def _settle(self, seen: Mapping[str, Any] | None = None, **facts: bool) -> Step:
+        """Decide the verdict; ``seen`` is the upstream's final usage object, if any."""
         decided = verdict.decide(ResponseFacts(status=self._status, **facts))
         pending = None
         if decided.commit and self.classification is not None:
             pending = self.classification.pending
         self._settled = True
         self.state = State.DONE
-        self._effects.append(Settled(decided, pending, self._accounted))
+        classification = self.classification
+        self._effects.append(Settled(decided, pending, self._accounted, classification, seen))
         return CONTINUE
 
     def _on_passthrough(self, _event: Event) -> Step:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,7 +93,10 @@ class EventTooLarge(UpstreamFormatError):
 
 
 class SseStream:
-    """Frames one response body into events and classifies them; see the module rules."""
+    """Frames one response body into events and classifies them; see the module rules.
+
+    ``final_usage`` is the upstream's usage object of the last final frame edited, if any.
+    """
 
     def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
         self._buf = bytearray()
@@ -102,6 +106,7 @@ class SseStream:
         self._error_seen = False
         self._done_seen = False
         self._oversized = False
+        self.final_usage: Mapping[str, Any] | None = None
 
     @property
     def facts(self) -> StreamFacts:
@@ -154,6 +159,8 @@ class SseStream:
         edit = None if payload is None else edit_document(spans.decode(payload), rule)
         if edit is None:
             raise ValueError("the usage frame carries no JSON object")
+        if event.kind is Kind.FINAL:
+            self.final_usage = edit.usage
         if edit.text is None:
             return event.raw
         return _replace_data(event.raw, spans.encode(edit.text))

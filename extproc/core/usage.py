@@ -58,6 +58,7 @@ class JsonBodyEdit:
     body: bytes
     usage_seen: bool = False
     error_seen: bool = False
+    usage: Mapping[str, Any] | None = None
 
 
 def edit_usage(usage: Mapping[str, Any], rule: UsageRule) -> dict[str, Any] | None:
@@ -126,11 +127,15 @@ def is_error_document(doc: Mapping[str, Any]) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class DocumentEdit:
-    """A JSON document edited in its ``usage``: the new text (``None``: unchanged) and facts."""
+    """A JSON document edited in its ``usage``: the new text (``None``: unchanged) and facts.
+
+    ``usage`` is the usage object as the upstream wrote it (before the edit).
+    """
 
     text: str | None
     usage_seen: bool
     error_seen: bool
+    usage: Mapping[str, Any] | None = None
 
 
 _USAGE_SHAPE = spans.SHALLOW
@@ -149,8 +154,10 @@ def edit_document(text: str, rule: UsageRule) -> DocumentEdit | None:
     if not isinstance(doc, dict):
         return None
     usage = doc.get("usage")
-    if not isinstance(usage, dict) or edit_usage(usage, rule) is None:
-        return DocumentEdit(None, isinstance(usage, dict), is_error_document(doc))
+    if not isinstance(usage, dict):
+        return DocumentEdit(None, False, is_error_document(doc))
+    if edit_usage(usage, rule) is None:
+        return DocumentEdit(None, True, is_error_document(doc), usage)
     return _edit_walked(text, rule)
 
 
@@ -164,11 +171,13 @@ def _edit_walked(text: str, rule: UsageRule) -> DocumentEdit | None:
     usage = root.get("usage")
     usage_seen = usage is not None and isinstance(usage.value, dict)
     error_seen = is_error_document(root.value)
-    edited = edit_usage(usage.value, rule) if usage is not None and usage_seen else None
-    if edited is None or usage is None:
+    if usage is None or not usage_seen:
         return DocumentEdit(None, usage_seen, error_seen)
+    edited = edit_usage(usage.value, rule)
+    if edited is None:
+        return DocumentEdit(None, usage_seen, error_seen, usage.value)
     new = text[: usage.start] + codec.dumps_value(edited) + text[usage.end :]
-    return DocumentEdit(new, True, error_seen)
+    return DocumentEdit(new, True, error_seen, usage.value)
 
 
 def edit_json_body(raw: bytes, rule: UsageRule) -> JsonBodyEdit:
@@ -177,7 +186,7 @@ def edit_json_body(raw: bytes, rule: UsageRule) -> JsonBodyEdit:
     if found is None:
         return JsonBodyEdit(raw)
     body = raw if found.text is None else spans.encode(found.text)
-    return JsonBodyEdit(body, found.usage_seen, found.error_seen)
+    return JsonBodyEdit(body, found.usage_seen, found.error_seen, found.usage)
 
 
 def parse_object(data: bytes | bytearray | memoryview) -> dict[str, Any] | None:

@@ -7,6 +7,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.json_format import MessageToDict
 from grpc_health.v1 import health_pb2
 
 from extproc._envoy_api.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
@@ -568,3 +569,62 @@ async def test_a_taken_port_is_a_clear_error() -> None:
         finally:
             await app.stop()
             server.close()
+
+
+# ---- the accounting record, as dynamic metadata ----
+
+
+def _record(reply: pb.ProcessingResponse) -> dict[str, Any] | None:
+    fields = reply.dynamic_metadata.fields
+    if "extproc.prompt_cache" not in fields:
+        return None
+    return dict(MessageToDict(fields["extproc.prompt_cache"].struct_value))
+
+
+async def test_a_streams_usage_frame_carries_a_record_its_end_completes(
+    extproc_server: ServerHarness,
+) -> None:
+    stream = extproc_server.stream()
+    await open_chat(stream)
+    headers = await stream.response_headers(200, "text/event-stream")
+    content = await stream.response_body(CONTENT)
+    usage = await stream.response_body(USAGE_FRAME)
+    end = await stream.response_body(DONE, eos=True)
+    await stream.finish()
+
+    assert _record(headers) is None
+    assert _record(content) is None
+    so_far, final = _record(usage), _record(end)
+    assert so_far is not None
+    assert final is not None
+    assert (so_far["outcome"], so_far["commit"]) == ("create_only", "no_end_of_stream")
+    assert (final["outcome"], final["commit"]) == ("create_only", "scheduled")
+    assert so_far["creation_5m"] == final["creation_5m"] == 8
+    assert final["principal"] == "tenant-1"
+    assert extproc_server.counter("extproc.read_tokens") == {}  # a write: no read counted
+
+
+async def test_a_json_answer_gets_its_record_with_the_last_reply(
+    extproc_server: ServerHarness,
+) -> None:
+    stream = extproc_server.stream()
+    await open_chat(stream)
+    headers = await stream.response_headers(200, "application/json")
+    end = await stream.response_body(JSON_ANSWER, eos=True)
+    await stream.finish()
+
+    assert _record(headers) is None
+    assert _record(end) == {
+        "outcome": "create_only",
+        "reason": "",
+        "model": MODEL,
+        "principal": "tenant-1",
+        "route": "chat_completions",
+        "prompt_tokens": 20.0,
+        "read": 0.0,
+        "creation_5m": 8.0,
+        "creation_1h": 0.0,
+        "creation_24h": 0.0,
+        "read_source": "index",
+        "commit": "scheduled",
+    }

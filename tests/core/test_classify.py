@@ -88,6 +88,7 @@ async def test_create_only(world: World) -> None:
         split=Split(read=0, creation={Tier.M5: 30}),
         pending=PendingWrite(SCOPE, (CacheEntry(req.hashes[1], 30, Tier.M5),), None),
         model=MODEL,
+        principal=ACME,
     )
     assert world.tokenizer.counts == [Count(MODEL, _texts(req, 0, 2))]
     assert len(world.index.lookups) == 1
@@ -125,6 +126,7 @@ async def test_read_and_create(world: World) -> None:
         split=Split(read=33, creation={Tier.M5: 70}),
         pending=PendingWrite(SCOPE, (CacheEntry(req.hashes[3], 103, Tier.M5),), hit),
         model=MODEL,
+        principal=ACME,
     )
     assert world.tokenizer.counts == [Count(MODEL, _texts(req, 2, 4))]
 
@@ -138,6 +140,7 @@ async def test_read_at_deepest_breakpoint_needs_no_tokenization(world: World) ->
         split=Split(read=30),
         pending=PendingWrite(SCOPE, (), hit),
         model=MODEL,
+        principal=ACME,
     )
     assert world.tokenizer.counts == []
 
@@ -226,6 +229,7 @@ async def test_below_floor_with_read_keeps_read_and_refresh(world: World) -> Non
         pending=PendingWrite(SCOPE, (), hit),
         reason="below_floor",
         model=MODEL,
+        principal=ACME,
     )
 
 
@@ -242,7 +246,7 @@ async def test_count_mismatch(world: World, misbehaviour: dict[str, Any]) -> Non
     req = request([10, 20], {1: "5m"})
     world.index.seed(SCOPE, req.hashes[0], 10, Tier.M5)
     result = await classify(req, CALLER, world.ports)
-    assert result == Classification.zero("count_mismatch", MODEL)
+    assert result == Classification.zero("count_mismatch", MODEL, ACME)
 
 
 INACTIVE = [
@@ -265,7 +269,7 @@ async def test_inactive(world: World, caller: Caller, model: str | None, reason:
 
 async def test_no_markers_is_zero_active_and_asks_no_tokenizer(world: World) -> None:
     result = await classify(request([10, 20], {}), CALLER, world.ports)
-    assert result == Classification.zero("no_markers", MODEL)
+    assert result == Classification.zero("no_markers", MODEL, ACME)
     assert world.index.lookups == []
     assert world.tokenizer.version_calls == []
     assert world.tokenizer.counts == []
@@ -297,7 +301,9 @@ async def test_engine_reports_only_for_requests_without_any_marker(
     ports = replace(world.ports, engine_cache=EngineCache.REPORT)
     result = await classify(req, CALLER, ports)
     expected = (
-        Classification.engine_read(MODEL) if engine else Classification.zero("no_markers", MODEL)
+        Classification.engine_read(MODEL, ACME)
+        if engine
+        else Classification.zero("no_markers", MODEL, ACME)
     )
     assert result == expected
     assert world.tokenizer.version_calls == []
@@ -314,13 +320,13 @@ async def test_marked_requests_are_accounted_by_the_index_even_with_engine_repor
 
 async def test_engine_reports_are_off_by_default(world: World) -> None:
     result = await classify(_prepared(ONE_MESSAGE), CALLER, world.ports)
-    assert result == Classification.zero("no_markers", MODEL)
+    assert result == Classification.zero("no_markers", MODEL, ACME)
 
 
 async def test_unmapped_tokenizer_is_zero_active(world: World) -> None:
     world.tokenizer.versions = {}
     result = await classify(request([10], {0: "5m"}), CALLER, world.ports)
-    assert result == Classification.zero("tokenizer_unmapped", MODEL)
+    assert result == Classification.zero("tokenizer_unmapped", MODEL, ACME)
     assert world.index.lookups == []
 
 
@@ -348,13 +354,15 @@ def _unmapped_count(world: World) -> None:
     world.tokenizer.count_error = UnmappedModel(MODEL)
 
 
+ZERO_DEGRADED = Classification.zero("dependency_error", MODEL, ACME)
+
 DEGRADED = [
     pytest.param(_fail_principals, Classification.inactive("dependency_error"), id="principals"),
     pytest.param(_fail_models, Classification.inactive("dependency_error"), id="model-config"),
-    pytest.param(_fail_index, Classification.zero("dependency_error", MODEL), id="index"),
-    pytest.param(_fail_version, Classification.zero("dependency_error", MODEL), id="tok-version"),
-    pytest.param(_fail_count, Classification.zero("dependency_error", MODEL), id="tok-count"),
-    pytest.param(_unmapped_count, Classification.zero("dependency_error", MODEL), id="unmapped"),
+    pytest.param(_fail_index, ZERO_DEGRADED, id="index"),
+    pytest.param(_fail_version, ZERO_DEGRADED, id="tok-version"),
+    pytest.param(_fail_count, ZERO_DEGRADED, id="tok-count"),
+    pytest.param(_unmapped_count, ZERO_DEGRADED, id="unmapped"),
 ]
 
 

@@ -935,3 +935,60 @@ def test_streamed_error_answer_without_response_headers_is_vetoed() -> None:
     session = open_chat()
     assert session.receive(s.ResponseBody(b'{"error": {}}', True, 503)) is s.CONTINUE
     assert verdict_of(session).veto is VetoReason.NON_2XX
+
+
+# ---- what the accounting record is built from ----
+
+
+@pytest.mark.parametrize("streamed", [pytest.param(False, id="json"), pytest.param(True, id="sse")])
+def test_settled_carries_the_classification_and_the_upstreams_usage(streamed: bool) -> None:
+    session = open_chat()
+    content_type = "text/event-stream" if streamed else "application/json"
+    session.receive(s.ResponseHeaders(200, content_type))
+    answer = STREAM if streamed else json_response()
+    assert session.receive(s.ResponseBody(answer, True)) is s.NEED_CLASSIFICATION
+    session.resolve(ACTIVE)
+    (settled,) = session._of(s.Settled)
+
+    assert settled.classification == ACTIVE
+    assert settled.usage == USAGE
+    assert settled.pending == PENDING
+
+
+@pytest.mark.parametrize(
+    ("known", "content_type"),
+    [
+        pytest.param(None, "text/plain", id="not-json-nor-sse"),
+        pytest.param(ACTIVE, "application/octet-stream", id="known-active"),
+    ],
+)
+def test_an_unwatched_2xx_answer_is_reported(
+    known: Classification | None, content_type: str
+) -> None:
+    session = open_chat()
+    if known is not None:
+        session.offer(known)
+    assert session.receive(s.ResponseHeaders(200, content_type)) is s.CONTINUE
+
+    assert session._of(s.Unwatched) == [s.Unwatched(known)]
+    assert session._of(s.Settled) == []
+
+
+def test_a_non_chat_answer_is_not_reported() -> None:
+    session = new_session()
+    session.receive(s.RequestHeaders("/v1/models", "GET", {}))
+    session.receive(s.ResponseHeaders(200, "application/json"))
+
+    assert session.effects == []
+
+
+def test_a_streams_usage_sent_before_its_end_is_reported_once() -> None:
+    session = open_chat()
+    session.offer(ACTIVE)
+    session.receive(s.ResponseHeaders(200, "text/event-stream"))
+    session.receive(s.ResponseBody(sse(CHUNK, USAGE_FRAME)))
+    session.receive(s.ResponseBody(sse(USAGE_FRAME)))
+    session.receive(s.ResponseBody(sse(b"[DONE]"), True))
+
+    assert session._of(s.UsageSent) == [s.UsageSent(ACTIVE, USAGE)]
+    assert len(session._of(s.Settled)) == 1

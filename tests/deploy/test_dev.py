@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from asyncio.subprocess import PIPE, STDOUT
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 import pytest
 
@@ -34,6 +37,7 @@ from extproc.quickstart import (
     usage_problems,
 )
 from extproc.upstream import UpstreamSettings, bound_port, load_counter, start_upstream
+from tests.plugins.metrics import scrape, value
 
 STACK_TIMEOUT_S = 240
 
@@ -281,3 +285,42 @@ def test_database_password_is_never_printed(url: str, shown: str) -> None:
 )  # fmt: skip
 def test_forged_problems(usage: dict[str, Any], problems: int) -> None:
     assert len(forged_problems(usage)) == problems
+
+
+def _records(log: Path) -> list[dict[str, Any]]:
+    if not log.exists():
+        return []
+    lines = log.read_text(encoding="utf-8").split("\n")[:-1]  # the last one may be partial
+    entries = [codec.loads(line) for line in lines if line.strip()]
+    return [e["prompt_cache"] for e in entries if e.get("prompt_cache")]
+
+
+def test_access_log_holds_a_write_then_a_read_of_the_same_size(
+    running_stack: tuple[subprocess.Popen[str], list[str]], workdir: Path
+) -> None:
+    _, lines = running_stack
+    text = "".join(lines)
+    words = shlex.split(text[text.index("curl -s") : text.index("Ctrl-C")])
+    url, body = words[2], words[words.index("-d") + 1]
+    headers = dict(h.split(": ", 1) for h in words if h.startswith(("Authorization", "Content")))
+    metrics = re.search(r"extproc metrics\s+(\S+)", text)
+    assert metrics is not None, text
+    log = workdir / "logs" / "access.log"
+    records: list[dict[str, Any]] = []
+    for sent in range(1, 50):  # the first answer's commit lands after it: repeat until a read
+        assert httpx.post(url, content=body, headers=headers, timeout=30).status_code == 200
+        for _ in range(600):  # Envoy writes the entry when the request is done, then flushes
+            records = _records(log)
+            if len(records) >= sent:
+                break
+            time.sleep(0.05)
+        if records and records[-1]["outcome"] == "read":
+            break
+
+    write, read = records[0], records[-1]
+    assert (write["outcome"], write["commit"]) == ("create_only", "scheduled")
+    assert read["outcome"] == "read"
+    assert read["read"] == write["creation_5m"] + write["creation_1h"] + write["creation_24h"] > 0
+    samples = scrape(metrics.group(1))
+    assert value(samples, "extproc_outcomes_total", outcome="create_only") >= 1
+    assert value(samples, "extproc_outcomes_total", outcome="read") >= 1

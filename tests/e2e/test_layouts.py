@@ -12,7 +12,12 @@ from __future__ import annotations
 import pytest
 
 from extproc.envoyconf import Layout
-from tests.e2e.test_accounting import (  # noqa: F401  (collected again against this stack)
+from tests.e2e.test_access_log import (  # noqa: F401  (collected again against this stack)
+    test_a_failed_answer_records_its_veto,
+    test_a_stream_with_an_error_frame_records_its_veto,
+    test_a_write_then_a_read_of_the_same_size,
+)
+from tests.e2e.test_accounting import (  # noqa: F401
     test_bad_markers_get_a_400_and_never_reach_the_upstream,
     test_first_request_writes_and_the_second_reads,
     test_json_answer_keeps_every_other_field,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import hashlib
+import json
 import os
 import secrets
 import shutil
@@ -234,6 +235,7 @@ class Stack:
     extproc: ManagedProcess | None = None
     processes: list[ManagedProcess] = field(default_factory=list)
     extproc_address: str = ""
+    access_log_path: Path | None = None
     cleanup: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
     # The loop thread serving the fakes and proxies (call their coroutines through it).
     loop: LoopThread | None = None
@@ -310,6 +312,31 @@ class Stack:
             if key == name:
                 return int(value)
         return 0
+
+    def access_log(self, user_agent: str, timeout_s: float = 30.0) -> dict[str, Any]:
+        """The access-log entry of the one request sent with ``user_agent``.
+
+        Envoy writes the entry once the request is done and flushes the file every 100 ms, so
+        this waits for it (up to ``timeout_s``, a bound on waiting, not an expectation).
+        """
+        if self.access_log_path is None:
+            pytest.skip("needs the stack this test suite starts itself (its access log file)")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = [e for e in self.access_entries() if e.get("user_agent") == user_agent]
+            if found or time.monotonic() > deadline:
+                assert len(found) == 1, found
+                return found[0]
+            time.sleep(0.05)
+
+    def access_entries(self) -> list[dict[str, Any]]:
+        """Every access-log entry so far (one JSON object per line)."""
+        assert self.access_log_path is not None
+        if not self.access_log_path.exists():
+            return []
+        text = self.access_log_path.read_text(encoding="utf-8")
+        complete = text.split("\n")[:-1]  # a line still being written is left for later
+        return [json.loads(line) for line in complete if line.strip()]
 
     def require_local(self) -> None:
         if not self.is_local:
@@ -449,7 +476,10 @@ def launch_envoy(
         fail_open=settings.fail_open,
         message_timeout_ms=settings.message_timeout_ms,
         principal_header=parse_principal_source(settings.principal_source).stripped_header,
+        access_log_path=str(workdir / f"{name}-access.log"),
     )
+    if name == "envoy":
+        stack.access_log_path = workdir / f"{name}-access.log"
     if patches is None:
         patches = () if settings.envoy_patch is None else (settings.envoy_patch,)
     config = workdir / f"{name}.yaml"
