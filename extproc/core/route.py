@@ -1,8 +1,7 @@
-"""Which requests are ours and who sent them: the chat route, the caller, the media types.
+"""Who sent a request and what its line says: the caller, the request facts, the media types.
 
 Rules:
-* a request is ours when it is a ``POST`` to a path ending in ``/chat/completions``, query
-  string excluded;
+* which requests are ours is the dialects' (``dialects.for_request``);
 * the bearer token is the value after ``Bearer `` or ``bearer `` (value and token trimmed);
 * the caller keeps only the headers the principal source reads, never the others;
 * when Envoy skips the request headers, the same facts come from the request attributes
@@ -17,7 +16,6 @@ from dataclasses import dataclass
 
 from extproc.core.model import Caller
 
-CHAT_SUFFIX = "/chat/completions"
 SSE_TYPE = "text/event-stream"
 PATH_ATTRIBUTE = "request.path"
 METHOD_ATTRIBUTE = "request.method"
@@ -52,20 +50,11 @@ class RequestLine:
         )
 
     @property
-    def is_chat(self) -> bool:
-        return is_chat_request(self.method, self.path)
-
-    @property
     def request_id(self) -> str:
         return self.headers.get(REQUEST_ID_HEADER, "")[:MAX_REQUEST_ID]
 
     def caller(self, keep: frozenset[str]) -> Caller:
         return caller_from(self.headers, keep)
-
-
-def is_chat_request(method: str, path: str) -> bool:
-    """``POST`` to a path ending in ``/chat/completions``, query string excluded."""
-    return method == "POST" and path.partition("?")[0].endswith(CHAT_SUFFIX)
 
 
 def is_success(status: int) -> bool:
