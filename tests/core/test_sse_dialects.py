@@ -249,7 +249,7 @@ def test_message_start_passes_scrubbed_before_the_classification() -> None:
     assert answer.drain(known=False, rule=SCRUB) is None  # the delta waits
     rest = answer.drain(known=True, rule=GOLDEN_RULE)
     assert rest is not None
-    delta = [d for d in _docs(rest) if d["type"] == "message_delta"][0]
+    delta = next(d for d in _docs(rest) if d["type"] == "message_delta")
     assert delta["usage"]["input_tokens"] == 100  # the start's total, minus ours
 
 
