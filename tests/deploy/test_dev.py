@@ -27,6 +27,7 @@ from extproc.commands.dev import (
 from extproc.core import codec
 from extproc.devstack import free_port, is_reachable_by, pg_data_dir
 from extproc.quickstart import (
+    PATHS,
     curl_command,
     example_body,
     forged_problems,
@@ -150,11 +151,13 @@ def test_printed_curl_is_the_example(
 ) -> None:
     _, lines = running_stack
     text = "".join(lines)
-    start = text.index("curl -s")
-    words = shlex.split(text[start : text.index("Ctrl-C")])
-    assert words[:3] == ["curl", "-s", words[2]]
-    assert words[2].endswith("/v1/chat/completions")
-    assert codec.loads(words[words.index("-d") + 1]) == example_body("demo")
+    shown = text[text.index("curl -s") : text.index("Ctrl-C")]
+    curls = [shlex.split(block, comments=True) for block in shown.split("\n\n") if block.strip()]
+    assert len(curls) == len(PATHS), "one curl per API"
+    for words, (api, path) in zip(curls, PATHS.items(), strict=True):
+        assert words[:3] == ["curl", "-s", words[2]]
+        assert words[2].endswith(path)
+        assert codec.loads(words[words.index("-d") + 1]) == example_body("demo", api)
 
 
 @pytest.mark.parametrize(
