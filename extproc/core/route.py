@@ -2,7 +2,8 @@
 
 Rules:
 * which requests are ours is the dialects' (``dialects.for_request``);
-* the bearer token is the value after ``Bearer `` or ``bearer `` (value and token trimmed);
+* the caller's token is the value after ``Bearer `` or ``bearer `` (value and token trimmed)
+  of ``authorization``, else the ``x-api-key`` header (trimmed), the one Anthropic's SDKs send;
 * the caller keeps only the headers the principal source reads, never the others;
 * when Envoy skips the request headers, the same facts come from the request attributes
   ``request.path``, ``request.method``, ``request.id`` and ``request.headers['<name>']``
@@ -21,6 +22,8 @@ PATH_ATTRIBUTE = "request.path"
 METHOD_ATTRIBUTE = "request.method"
 ID_ATTRIBUTE = "request.id"
 REQUEST_ID_HEADER = "x-request-id"
+API_KEY_HEADER = "x-api-key"
+TOKEN_HEADERS = frozenset({"authorization", API_KEY_HEADER})
 MAX_REQUEST_ID = 128
 
 
@@ -78,6 +81,12 @@ def bearer_token(authorization: str | None) -> str | None:
 
 
 def caller_from(headers: Mapping[str, str], keep: frozenset[str]) -> Caller:
-    """The caller: its bearer token and only the headers the principal source reads."""
+    """The caller: its token and only the headers the principal source reads."""
     kept = {name: value for name, value in headers.items() if name in keep}
-    return Caller(bearer_token(headers.get("authorization")), kept)
+    token = bearer_token(headers.get("authorization")) or api_key(headers.get(API_KEY_HEADER))
+    return Caller(token, kept)
+
+
+def api_key(value: str | None) -> str | None:
+    """An ``x-api-key`` value, trimmed; ``None`` when absent or blank."""
+    return None if value is None else value.strip() or None

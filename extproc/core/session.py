@@ -84,7 +84,7 @@ class SessionPolicy:
     @property
     def attribute_headers(self) -> frozenset[str]:
         """The headers read from attributes when the request headers are skipped."""
-        return self.caller_headers | {"authorization"}
+        return self.caller_headers | route.TOKEN_HEADERS
 
 
 class State(enum.Enum):

@@ -204,3 +204,28 @@ def test_a_responses_json_answer_gets_the_split() -> None:
     details = codec.loads(step.body)["usage"]["input_tokens_details"]
     assert details == {"cached_tokens": 1500, "cache_write_tokens": 400}
     assert run.settled.verdict.commit
+
+
+@pytest.mark.parametrize("headers_first", [True, False], ids=["headers-first", "body-first"])
+@pytest.mark.parametrize(
+    ("headers", "token"),
+    [
+        pytest.param({"x-api-key": " sk-ant-1 "}, "sk-ant-1", id="x-api-key"),
+        pytest.param({"authorization": "Bearer b", "x-api-key": "k"}, "b", id="bearer-first"),
+        pytest.param({"x-api-key": "  "}, None, id="blank-key"),
+    ],
+)
+def test_the_token_is_the_bearer_else_the_api_key(
+    headers: dict[str, str], token: str | None, headers_first: bool
+) -> None:
+    session = Session(SessionPolicy())
+    raw = codec.dumps(MARKED_MESSAGES)
+    if headers_first:
+        session.receive(s.RequestHeaders("/v1/messages", "POST", headers))
+        turn = session.receive(s.RequestBody(raw))
+    else:
+        attributes = {"request.path": "/v1/messages", "request.method": "POST"}
+        attributes |= {f"request.headers['{k}']": v for k, v in headers.items()}
+        turn = session.receive(s.RequestBody(raw, attributes=attributes))
+    starts = [e for e in turn.effects if isinstance(e, s.StartClassify)]
+    assert [start.job.caller.bearer for start in starts] == ([token] if token else [])
