@@ -659,6 +659,7 @@ def start_extproc(bench: Bench, database: str) -> tuple[str, int, subprocess.Pop
         "EXTPROC_METRICS_LISTEN": f"127.0.0.1:{metrics}",
         "EXTPROC_WORKERS": str(bench.args.workers),
         "EXTPROC_SHUTDOWN_GRACE_S": "3",
+        "EXTPROC_SCRUB_PROVIDER_CACHE": bench.args.scrub_provider_cache,
         **bench.timing.server_env(),
     }
     if "slow" in bench.args.only and bench.stream:
@@ -924,6 +925,13 @@ def _parser() -> argparse.ArgumentParser:
         help="the Envoy layout of the extproc paths (the do-nothing server gets every phase)",
     )
     parser.add_argument(
+        "--scrub-provider-cache",
+        choices=("true", "false"),
+        default="true",
+        help="EXTPROC_SCRUB_PROVIDER_CACHE; the fast upstream writes no cache fields, so false "
+        "is an operator's honest setting for it (inactive answers then go unwatched)",
+    )
+    parser.add_argument(
         "--slow-classify-s", type=float, default=2.0, help="the slow path's tokenizer delay"
     )
     parser.add_argument(
@@ -1006,6 +1014,8 @@ def _run(bench: Bench, header: str) -> int:
         if bench.stream
         else "JSON answer"
     )
+    scrub = "on" if bench.args.scrub_provider_cache == "true" else "off"
+    kind += f"; provider cache fields scrubbed from inactive answers: {scrub}"
     print(f"\n{header}\ncommand: {command}\n{kind}\n")
     print(table(bench))
     print()

@@ -11,6 +11,7 @@ With several workers (``extproc.workers``) each is such a process, and its healt
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import time
@@ -116,6 +117,7 @@ class App:
         deps = await (self._builder or self._build)(metrics)
         self._commits = deps.commits
         self._processor.ready(deps)
+        gc.freeze()  # what start-up built lives as long as the process: no collection walks it
         await self._set_health(_Serving)
         log_event(log, logging.INFO, "serving", address=self.address, port=self.port)
 

@@ -98,16 +98,24 @@ class IndexMemo:
 
     def needs_refresh(self, scope: Scope, hit: IndexHit) -> bool:
         """Whether the read ``hit`` must have its expiry slid now (see the module rules)."""
+        due = self.refresh_due(scope, hit)
+        if due:
+            self._written += 1
+        else:
+            self._skipped += 1
+        return due
+
+    def skipped_refresh(self) -> None:
+        """Count a refresh that was found not due before its commit was even started."""
+        self._skipped += 1
+
+    def refresh_due(self, scope: Scope, hit: IndexHit) -> bool:
+        """``needs_refresh`` without counting it."""
         known = self._known.get((scope, hit.prefix_hash))
         if known is None or known.hit.tier is not hit.tier:
-            self._written += 1
             return True
         left = known.expires_at - self.clock()
-        if left > (1 - self.policy.debounce) * hit.tier.seconds:
-            self._skipped += 1
-            return False
-        self._written += 1
-        return True
+        return left <= (1 - self.policy.debounce) * hit.tier.seconds
 
     def stats(self) -> IndexMemoStats:
         return IndexMemoStats(self._hits, self._misses, self._skipped, self._written)

@@ -168,6 +168,17 @@ class PgPrefixIndex:
             found[items[n - 1] - 1].append((hashes[n - 1], tokens, tier, left))
         return found
 
+    def due(self, pending: PendingWrite) -> bool:
+        if pending.entries:
+            return True
+        hit = pending.refresh
+        if hit is None:
+            return False
+        if self.memo.refresh_due(pending.scope, hit):
+            return True
+        self.memo.skipped_refresh()
+        return False
+
     async def commit(self, pending: PendingWrite) -> None:
         entries = self._entries_to_write(pending)
         if not entries:

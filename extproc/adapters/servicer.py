@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import cast
 
 import grpc
 
@@ -56,6 +57,10 @@ class CommitTracker:
         return len(self._tasks)
 
     def schedule(self, pending: PendingWrite) -> None:
+        """Commit ``pending`` in a task, unless it would write nothing now (``not_due``)."""
+        if not self._index.due(pending):
+            self._metrics.commit_result("not_due")
+            return
         task = asyncio.get_running_loop().create_task(self._run(pending))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -133,16 +138,20 @@ class ExternalProcessor:
 
     async def Process(
         self,
-        request_iterator: AsyncIterator[pb.ProcessingRequest],
+        _requests: AsyncIterator[pb.ProcessingRequest],
         context: _Context,
-    ) -> AsyncIterator[bytes]:
+    ) -> None:
+        """Read each message and write its reply (the reader/writer API: no generators)."""
         if self._deps is None:  # abort raises: the stream ends here
             await context.abort(grpc.StatusCode.UNAVAILABLE, "extproc is starting")
-        pump = Pump(self._deps)
+        pump = Pump(self._deps, context.write)
         try:
-            async for message in request_iterator:
-                async for reply in pump.answer(message):
-                    yield reply
+            while True:
+                message: object = await context.read()  # the stubs leave out EOF
+                if message is grpc.aio.EOF:
+                    return
+                await context.write(await pump.answer(cast(pb.ProcessingRequest, message)))
+                pump.settle()
         except (SessionStateError, proto.ProtocolError) as err:
             log_event(log, logging.ERROR, "protocol error", error=str(err))
             await context.abort(grpc.StatusCode.INTERNAL, f"ext_proc protocol error: {err}")
@@ -160,38 +169,55 @@ _NO_JOB = Classification.inactive("no_job")
 class Pump:
     """Drives one session: translate, receive, act on the effects, translate back."""
 
-    def __init__(self, deps: Dependencies) -> None:
+    def __init__(self, deps: Dependencies, send: Callable[[bytes], Awaitable[None]]) -> None:
         self._deps = deps
+        self._send = send
         self.session = Session(deps.policy)
         self._classifying: Classifying | None = None
         self._read = False
         self._outcome_recorded = False
+        self._later: list[Effect] = []
 
-    async def answer(self, message: pb.ProcessingRequest) -> AsyncIterator[bytes]:
-        """The reply to ``message`` (after a timer extension when the join needs one).
+    async def answer(self, message: pb.ProcessingRequest) -> bytes:
+        """The reply to ``message``; a join that needs it first sends a timer extension.
 
-        What the reply settles (a commit, a metric) is done after it was handed over.
+        What the reply settles (a commit, a metric) waits for ``settle``, after the reply.
         """
         phase, event = proto.to_event(message)
         if phase in _OFFER_PHASES:
             self._offer_if_ready()
         turn = self.session.receive(event)
-        later = self._start(turn.effects)
+        self._start(turn.effects)
         step = turn.step
         if isinstance(step, NeedClassification):
             classifying = self._classifying
             if classifying is not None:
                 extension = await classifying.wait_briefly()
                 if extension is not None:
-                    yield extension
+                    await self._send(extension)
                     await classifying.wait_rest()
             turn = self.session.resolve(self._joined())
-            later += self._start(turn.effects)
+            self._start(turn.effects)
             step = turn.step
             if isinstance(step, NeedClassification):
                 raise SessionStateError("the session still waits after its classification")
-        yield proto.to_reply(phase, step)
-        self._settle(later)
+        return proto.to_reply(phase, step)
+
+    def settle(self) -> None:
+        """The reply went out: do what it settled (record metrics, schedule the commit)."""
+        later, self._later = self._later, []
+        metrics = self._deps.metrics
+        for effect in later:
+            if isinstance(effect, RequestRead):
+                self._read = True
+                metrics.request(effect.had_markers)
+            elif isinstance(effect, Classified):
+                self._outcome_recorded = True
+                metrics.outcome(effect.classification)
+            elif isinstance(effect, Rejected):
+                metrics.rejection(effect.error.reason.value)
+            elif isinstance(effect, Settled):
+                self._record(effect)
 
     def close(self) -> None:
         """The stream ended: cancel an unjoined classification; no verdict means no commit."""
@@ -207,9 +233,8 @@ class Pump:
     def _delivered(self) -> bool:
         return self._classifying is not None and self._classifying.delivered
 
-    def _start(self, effects: tuple[Effect, ...]) -> list[Effect]:
-        """Act now on what must happen before the reply; the rest waits for ``_settle``."""
-        later: list[Effect] = []
+    def _start(self, effects: tuple[Effect, ...]) -> None:
+        """Act now on what must happen before the reply; the rest waits for ``settle``."""
         for effect in effects:
             if isinstance(effect, StartClassify):
                 self._classifying = Classifying(
@@ -220,22 +245,7 @@ class Pump:
                     self.session.request_id,
                 )
             else:
-                later.append(effect)
-        return later
-
-    def _settle(self, effects: list[Effect]) -> None:
-        metrics = self._deps.metrics
-        for effect in effects:
-            if isinstance(effect, RequestRead):
-                self._read = True
-                metrics.request(effect.had_markers)
-            elif isinstance(effect, Classified):
-                self._outcome_recorded = True
-                metrics.outcome(effect.classification)
-            elif isinstance(effect, Rejected):
-                metrics.rejection(effect.error.reason.value)
-            elif isinstance(effect, Settled):
-                self._record(effect)
+                self._later.append(effect)
 
     def _record(self, settled: Settled) -> None:
         veto = settled.verdict.veto

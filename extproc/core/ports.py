@@ -40,6 +40,10 @@ class PrefixIndex(Protocol):
         """Live entries (``expires_at > now``) of ``scope`` among ``hashes``, in one round trip."""
         ...
 
+    def due(self, pending: PendingWrite) -> bool:
+        """Whether ``commit(pending)`` would write anything now (a refresh can be debounced)."""
+        ...
+
     async def commit(self, pending: PendingWrite) -> None:
         """Upsert the new entries and slide the refreshed entry's expiry, atomically."""
         ...

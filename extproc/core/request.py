@@ -40,6 +40,7 @@ AUTOMATIC_QUERY_TIER = Tier.H1
 # an escaped printable ASCII character may hide a marker as well as one that spells it (both
 # are looked for in the UTF-8 form of a UTF-16 or UTF-32 body).
 _ESCAPED_ASCII = re.compile(rb"\\u00[2-7][0-9a-fA-F]")
+_ESCAPE_START = b"\\u00"  # a plain substring test first: far cheaper than the pattern
 _MARKER_BYTES = markers.MARKER_KEY.encode()
 
 
@@ -118,7 +119,9 @@ _UNREAD = _Unread()
 
 def _may_name_a_marker(data: bytes) -> bool:
     """Whether ``data`` spells ``cache_control``, or has an escape that could spell it."""
-    return _MARKER_BYTES in data or _ESCAPED_ASCII.search(data) is not None
+    if _MARKER_BYTES in data:
+        return True
+    return _ESCAPE_START in data and _ESCAPED_ASCII.search(data) is not None
 
 
 def _may_hold_blocks_we_own(raw: bytes, policy: RequestPolicy) -> bool:

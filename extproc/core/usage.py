@@ -201,7 +201,32 @@ def splice_object(text: str, node: spans.Node | None, edit: UsageEdit) -> tuple[
 
 
 def edit_at(text: str, path: tuple[str, ...], edit: UsageEdit) -> DocumentEdit | None:
-    """Apply ``edit`` to the usage object at ``path`` of a JSON object; ``None`` if not one."""
+    """Apply ``edit`` to the usage object at ``path`` of a JSON object; ``None`` if not one.
+
+    orjson reads the document first: only a document whose usage changes is walked for the
+    offsets of its usage (and one orjson refuses is read losslessly). ``edit`` may be called
+    twice on equal values (once per reading).
+    """
+    try:
+        doc = codec.loads(text)
+    except codec.JSONDecodeError:
+        return _edit_at_walked(text, path, edit)
+    if not isinstance(doc, dict):
+        return None
+    usage = _value_at(doc, path)
+    if not isinstance(usage, dict) or edit(usage) is None:
+        return DocumentEdit(None, isinstance(usage, dict), is_error_document(doc))
+    return _edit_at_walked(text, path, edit)
+
+
+def _value_at(doc: Mapping[str, Any], path: Sequence[str]) -> Any:
+    value: Any = doc
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def _edit_at_walked(text: str, path: tuple[str, ...], edit: UsageEdit) -> DocumentEdit | None:
     root = read_object(text, path_shape(path))
     if root is None:
         return None
@@ -219,6 +244,11 @@ def edited_text(found: DocumentEdit | None) -> str | None:
 def edit_document(text: str, rule: UsageRule) -> DocumentEdit | None:
     """Apply ``rule`` to the top-level ``usage`` of a JSON object; ``None`` if not an object."""
     return edit_at(text, _TOP, lambda usage: edit_usage(usage, rule))
+
+
+def _edit_walked(text: str, rule: UsageRule) -> DocumentEdit | None:
+    """``edit_document`` by the lossless walk alone."""
+    return _edit_at_walked(text, _TOP, lambda usage: edit_usage(usage, rule))
 
 
 def edit_json_body(

@@ -156,6 +156,20 @@ async def test_a_read_past_the_debounce_is_refreshed(proxied_pool: Pool, databas
     assert idx.memo.stats().refreshes_written == 1
 
 
+async def test_due_says_whether_a_commit_would_write(proxied_pool: Pool, database_url: str) -> None:
+    idx = index(proxied_pool, memo())
+    insert(database_url, SCOPE, "fresh", 100, "5 minutes")
+    insert(database_url, SCOPE, "aging", 100, "250 seconds")
+    hits = {hit.prefix_hash: hit for hit in await idx.lookup(SCOPE, [h("fresh"), h("aging")])}
+    fresh, aging = hits[h("fresh")], hits[h("aging")]
+    assert not idx.due(PendingWrite(SCOPE, (), fresh))
+    assert idx.memo.stats().refreshes_skipped == 1  # counted once, though no commit ran
+    assert idx.due(PendingWrite(SCOPE, (), aging))
+    assert idx.due(PendingWrite(SCOPE, (CacheEntry(h("new"), 900, Tier.H1),), fresh))
+    assert not idx.due(PendingWrite(SCOPE, (), None))
+    assert idx.memo.stats().refreshes_skipped == 1
+
+
 async def test_a_commit_with_new_entries_skips_only_the_refresh(
     proxied_pool: Pool, database_url: str
 ) -> None:

@@ -20,7 +20,9 @@ from extproc.core.usage import (
     PROVIDER_FIELDS,
     JsonBodyEdit,
     UsageRule,
+    _edit_walked,
     capped,
+    edit_document,
     edit_json_body,
     edit_usage,
     engine_split,
@@ -473,3 +475,16 @@ def test_body_edit_touches_only_the_usage_value(
     else:
         assert_only_usage_changed(raw, edit.body)
         assert codec.loads(edit.body)["usage"] == edit_usage(usage, rule)
+
+
+@settings(max_examples=200)
+@given(members, usages, rules, st.booleans())
+def test_reading_with_orjson_first_decides_as_the_walk_does(
+    before: list[tuple[str, Any]], usage: dict[str, Any], rule: UsageRule, huge: bool
+) -> None:
+    parts = [f"{codec.dumps(k).decode()}:{codec.dumps(v).decode()}" for k, v in before]
+    if huge:  # orjson refuses it: the lossless walk reads the document
+        parts.append('"n":' + "9" * 40)
+    parts.append(f'"usage":{codec.dumps(usage).decode()}')
+    text = "{" + ",".join(parts) + "}"
+    assert edit_document(text, rule) == _edit_walked(text, rule)

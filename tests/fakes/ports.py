@@ -86,6 +86,9 @@ class FakeIndex:
         found = (self.entries.get((scope, h)) for h in hashes)
         return [hit for hit in found if hit is not None]
 
+    def due(self, pending: PendingWrite) -> bool:
+        return not pending.is_empty
+
     async def commit(self, pending: PendingWrite) -> None:
         self.commits.append(pending)
         _raise(self.error)

@@ -53,6 +53,9 @@ class GatedIndex:
             raise
         return await self.inner.lookup(scope, hashes)
 
+    def due(self, pending: PendingWrite) -> bool:
+        return self.inner.due(pending)
+
     async def commit(self, pending: PendingWrite) -> None:
         self.commit_started.set()
         await self.commit_gate.wait()
