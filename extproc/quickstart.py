@@ -91,8 +91,14 @@ def check(url: str, model: str, key: str) -> int:
     """Send each API's example twice, then streamed: 0 when each writes, then reads twice."""
     problems: list[str] = []
     for api in PATHS:
-        if not problems:
+        if problems:
+            break
+        try:
             problems = _check_api(url, model, key, api)
+        except NotServed as exc:
+            if api == "chat":
+                raise
+            print(f"{api}: skipped, {exc}", flush=True)
     if not problems:
         forged = _send(url, model, f"{key}-other", {DEFAULT_PRINCIPAL_HEADER: principal_of(key)})
         print("forged-principal usage: " + codec.dumps(forged).decode(), flush=True)
@@ -121,6 +127,10 @@ def _check_api(url: str, model: str, key: str, api: str) -> list[str]:
     return [f"{api}: {p}" for p in read_problems(written, streamed, "streamed")]
 
 
+class NotServed(DevStackError):
+    """The upstream has no such API (an OpenAI-only server has no Messages)."""
+
+
 def principal_of(key: str) -> str:
     """The quick start's principal of ``key`` (``key_hash``): the hex SHA-256 of the key."""
     return key_hash(key).hex()
@@ -146,6 +156,8 @@ def _post(
         answer = httpx.post(f"{url}{PATHS[api]}", json=body, headers=headers, timeout=60)
     except httpx.HTTPError as exc:
         raise DevStackError(f"request through Envoy failed: {exc}") from None
+    if answer.status_code in (404, 405):
+        raise NotServed(f"the upstream does not serve {PATHS[api]} (HTTP {answer.status_code})")
     if answer.status_code != 200:
         raise DevStackError(f"request through Envoy: HTTP {answer.status_code}: {answer.text}")
     return answer

@@ -291,9 +291,7 @@ class Session:
         if event.status is None:
             raise SessionStateError("response body before response headers, without a status")
         self._status = event.status
-        if self._dialect is None or not route.is_success(self._status):
-            return self._unwatched(self._status)
-        if not self._worth_watching:
+        if self._dialect is None or not route.is_success(self._status) or not self._worth_watching:
             return self._unwatched(self._status)
         if looks_like_sse(event.chunk) and (self._prepared is None or self._prepared.stream):
             self._sse = SseAnswer(self._reader)

@@ -17,6 +17,7 @@ from typing import Any
 
 import psutil
 import pytest
+from aiohttp import web
 
 from extproc.commands.dev import (
     DEFAULT_MIN_PREFIX_TOKENS,
@@ -28,6 +29,8 @@ from extproc.core import codec
 from extproc.devstack import free_port, is_reachable_by, pg_data_dir
 from extproc.quickstart import (
     PATHS,
+    NotServed,
+    _post,
     curl_command,
     example_body,
     forged_problems,
@@ -284,3 +287,17 @@ def test_database_password_is_never_printed(url: str, shown: str) -> None:
 )  # fmt: skip
 def test_forged_problems(usage: dict[str, Any], problems: int) -> None:
     assert len(forged_problems(usage)) == problems
+
+
+async def test_an_api_the_upstream_does_not_serve_is_named() -> None:
+    runner = web.AppRunner(web.Application())  # no routes: every path is a 404
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{bound_port(runner)}"
+    try:
+        with pytest.raises(NotServed, match=r"does not serve /v1/messages \(HTTP 404\)"):
+            await asyncio.to_thread(
+                _post, url, example_body("demo", "messages"), "k", None, "messages"
+            )
+    finally:
+        await runner.cleanup()
