@@ -308,6 +308,24 @@ USAGE_CASES = [
 ]
 
 
+@pytest.mark.parametrize(
+    ("usage", "total"),
+    [
+        pytest.param({"input_tokens": 5, "output_tokens": 1}, 5, id="input-only"),
+        pytest.param(
+            {"input_tokens": 1, "cache_read_input_tokens": 2, "cache_creation_input_tokens": 3},
+            6,
+            id="all-three",
+        ),
+        pytest.param({"output_tokens": 1}, None, id="none"),
+        pytest.param({"input_tokens": None, "output_tokens": 1}, None, id="null-is-absent"),
+        pytest.param({"input_tokens": True, "cache_read_input_tokens": 4}, 4, id="not-a-count"),
+    ],
+)
+def test_upstream_total(usage: dict[str, Any], total: int | None) -> None:
+    assert messages.upstream_total(usage) == total
+
+
 @pytest.mark.parametrize(("usage", "rule", "expected"), USAGE_CASES)
 def test_json_usage(usage: dict[str, Any], rule: UsageRule, expected: dict[str, Any]) -> None:
     body = {"id": "msg_1", "type": "message", "content": [], "usage": usage}

@@ -229,3 +229,21 @@ def test_the_token_is_the_bearer_else_the_api_key(
         turn = session.receive(s.RequestBody(raw, attributes=attributes))
     starts = [e for e in turn.effects if isinstance(e, s.StartClassify)]
     assert [start.job.caller.bearer for start in starts] == ([token] if token else [])
+
+
+def test_a_messages_stream_with_response_headers_skipped() -> None:
+    """The streamed layout: the first body chunk carries the status; the dialect is the same."""
+    run = Run("/v1/messages", {**MARKED_MESSAGES, "stream": True}, headers_first=False)
+    data = (TRANSCRIPTS / "messages/sglang.sse").read_bytes()
+    out = b""
+    for i in range(0, len(data), 64):
+        chunk, last = data[i : i + 64], i + 64 >= len(data)
+        step = run.receive(s.ResponseBody(chunk, last, status=200 if i == 0 else None))
+        if step is s.NEED_CLASSIFICATION:
+            step = run.resolve(ACTIVE)
+        out += step.data if isinstance(step, s.EmitChunk) else chunk
+    delta = [ln for ln in out.split(b"\n") if ln.startswith(b'data:{"type":"message_delta"')]
+    (line,) = delta
+    usage = codec.loads(line[5:])["usage"]
+    assert usage["input_tokens"] + usage["cache_read_input_tokens"] == 2000 - 400
+    assert run.settled.verdict.commit

@@ -15,7 +15,8 @@ Rules:
   "invalid_request_error", "message": ...}}``; nothing else of the body changes (a stream
   always carries its usage: no option to force);
 * usage has Anthropic's semantics: the upstream's total input is the sum of ``input_tokens``,
-  ``cache_read_input_tokens`` and ``cache_creation_input_tokens`` it sent (absent = 0); with a
+  ``cache_read_input_tokens`` and ``cache_creation_input_tokens`` it sent (absent or not a
+  count = 0; none of them at all: unknown, a stream then takes its start's); with a
   split the cache fields say ours and ``input_tokens`` becomes the rest (the cap keeps it
   ≥ 0); without one the engine's cache fields are scrubbed and ``input_tokens`` is the total;
 * in a stream ``message_start``'s ``message.usage`` never waits (``Kind.USAGE``) and
@@ -120,10 +121,12 @@ def error_envelope(err: ClientError) -> bytes:
 
 
 def upstream_total(usage: Mapping[str, Any]) -> int | None:
-    """The upstream's whole input: the sum of its three input counts; ``None`` without any."""
-    if not any(k in usage for k in INPUT_FIELDS):
-        return None
-    return sum(v for v in (usage.get(k) for k in INPUT_FIELDS) if is_count(v))
+    """The upstream's whole input: the sum of its three input counts; ``None`` without any.
+
+    A count that is not a non-negative integer (``null``, say) is as good as absent.
+    """
+    counts = [v for v in (usage.get(k) for k in INPUT_FIELDS) if is_count(v)]
+    return sum(counts) if counts else None
 
 
 def edit_usage(
