@@ -166,8 +166,11 @@ class SseStream:
             and b"usage" not in chunk
             and b"error" not in chunk
             and b"[DONE]" not in chunk
-            and not any(trigger in chunk for trigger in self._triggers)
+            and not (self._triggers and self._has_trigger(chunk))
         )
+
+    def _has_trigger(self, data: bytes | bytearray) -> bool:
+        return any(trigger in data for trigger in self._triggers)
 
     def flush(self) -> list[SseEvent]:
         """At end of stream: the held events, then any unterminated rest as a plain event.
@@ -230,7 +233,7 @@ class SseStream:
         self._scan = max(0, len(self._buf) - _LOOKBACK)
 
     def _classify(self, raw: bytes) -> Kind:
-        if not _may_matter(raw) and not any(t in raw for t in self._triggers):
+        if not _may_matter(raw) and not (self._triggers and self._has_trigger(raw)):
             return Kind.PLAIN
         payload = _data_payload(raw)
         if payload == b"[DONE]":
