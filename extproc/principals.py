@@ -50,6 +50,7 @@ _REFUSED: dict[str, str] = {
     "host": "it is the request's authority: removing the client's copy would break routing",
     "authorization": _CREDENTIALS,
     "proxy-authorization": _CREDENTIALS,
+    "x-api-key": _CREDENTIALS,
     "cookie": "it is client state, and the shipped Envoy configurations never forward it to "
     "ext_proc (forward_rules)",
     "x-request-id": _ENVOY_SET,

@@ -1,4 +1,4 @@
-"""The demo upstream: a small OpenAI-compatible chat-completions server for the local stack.
+"""The demo upstream: a small LLM server (chat completions, Messages, Responses) for local use.
 
 It runs no model. Every request gets the same canned answer, as JSON or as an SSE stream, with
 a realistic ``usage`` object: ``prompt_tokens`` counts the text of every message with a real
@@ -6,6 +6,8 @@ tokenizer when one is configured (a Hugging Face ``tokenizer.json``), else with 
 estimate (one token per four UTF-8 bytes, rounded up), plus a fixed overhead per message for
 the chat template. With ``stream_options.include_usage`` the stream ends with a chunk whose
 ``choices`` is empty and that carries the usage, then ``data: [DONE]``, as OpenAI does.
+``POST /v1/messages`` and ``POST /v1/responses`` answer the same reply in those APIs' shapes
+(``demo_apis``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
+from extproc import demo_apis
 from extproc.core import codec
 
 TokenCounter = Callable[[str], int]
@@ -98,14 +101,19 @@ class Completion:
         return "".join(self.pieces)
 
 
-def complete(body: dict[str, Any], settings: UpstreamSettings, count: TokenCounter) -> Completion:
-    """Build the answer to a validated request body."""
+def complete(
+    body: dict[str, Any], settings: UpstreamSettings, count: TokenCounter, prompt: int | None = None
+) -> Completion:
+    """Build the answer to a validated request body (``prompt``: its counted input, if known)."""
     pieces = _split_words(settings.reply)
-    limit = body.get("max_completion_tokens") or body.get("max_tokens")
+    limit = (
+        body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
+    )
     finish = "stop"
     if isinstance(limit, int) and 0 < limit < len(pieces):
         pieces, finish = pieces[:limit], "length"
-    prompt = prompt_tokens(body["messages"], count)
+    if prompt is None:
+        prompt = prompt_tokens(body["messages"], count)
     completion = count("".join(pieces))
     return Completion(
         id=f"chatcmpl-{uuid.uuid4().hex[:24]}",
@@ -205,6 +213,8 @@ class DemoUpstream:
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/v1/messages", self.messages)
+        app.router.add_post("/v1/responses", self.responses)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         return app
@@ -223,14 +233,44 @@ class DemoUpstream:
             return web.Response(body=payload, content_type="application/json")
         return await self._stream(request, done, _include_usage(body))
 
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        body = _json_or_none(await request.read())
+        problem = demo_apis.messages_problem(body)
+        if problem is not None:
+            error = demo_apis.anthropic_error(problem)
+            return web.Response(status=400, body=error, content_type="application/json")
+        prompt = demo_apis.messages_prompt(body, self._count)
+        done = complete(body, self._settings, self._count, prompt)
+        if body.get("stream") is not True:
+            payload = codec.dumps(demo_apis.message_json(done))
+            return web.Response(body=payload, content_type="application/json")
+        return await self._send_events(request, demo_apis.message_events(done))
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        body = _json_or_none(await request.read())
+        problem = demo_apis.responses_problem(body)
+        if problem is not None:
+            return error_response(400, problem)
+        prompt = demo_apis.responses_prompt(body, self._count)
+        done = complete(body, self._settings, self._count, prompt)
+        if body.get("stream") is not True:
+            payload = codec.dumps(demo_apis.response_json(done))
+            return web.Response(body=payload, content_type="application/json")
+        return await self._send_events(request, demo_apis.response_events(done))
+
     async def _stream(
         self, request: web.Request, done: Completion, include_usage: bool
+    ) -> web.StreamResponse:
+        return await self._send_events(request, completion_events(done, include_usage))
+
+    async def _send_events(
+        self, request: web.Request, events: Iterator[bytes]
     ) -> web.StreamResponse:
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         await response.prepare(request)
-        for event in completion_events(done, include_usage):
+        for event in events:
             await response.write(event)
             await asyncio.sleep(0)
         await response.write_eof()
@@ -247,6 +287,13 @@ class DemoUpstream:
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
+
+
+def _json_or_none(raw: bytes) -> Any:
+    try:
+        return codec.loads(raw)
+    except codec.JSONDecodeError:
+        return None
 
 
 def _include_usage(body: dict[str, Any]) -> bool:

@@ -304,13 +304,14 @@ class Pump:
 
     def _record_of(self, effects: list[Effect]) -> record.Record | None:
         """The accounting record when these effects complete the response."""
+        route = record.route_of(self.session.dialect_name)
         for effect in effects:
             if isinstance(effect, Settled):
-                return self._shown(record.of_settled(effect, record.CHAT_ROUTE))
+                return self._shown(record.of_settled(effect, route))
             if isinstance(effect, Unwatched):
-                return self._shown(record.of_unwatched(effect, _NOT_JOINED, record.CHAT_ROUTE))
+                return self._shown(record.of_unwatched(effect, _NOT_JOINED, route))
             if isinstance(effect, UsageSent):
-                return self._shown(record.of_usage_sent(effect, record.CHAT_ROUTE))
+                return self._shown(record.of_usage_sent(effect, route))
         return None
 
     def _shown(self, found: record.Record) -> record.Record:

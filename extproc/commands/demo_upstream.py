@@ -1,4 +1,4 @@
-"""``extproc demo-upstream``: run the built-in OpenAI-compatible demo upstream until stopped."""
+"""``extproc demo-upstream``: run the built-in demo LLM upstream until stopped."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from extproc.upstream import UpstreamSettings, bound_port, start_upstream
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser(
         "demo-upstream",
-        help="run the built-in OpenAI-compatible demo upstream (no model)",
-        description="Serve POST /v1/chat/completions (JSON or SSE), GET /v1/models and "
+        help="run the built-in demo LLM upstream (no model)",
+        description="Serve POST /v1/chat/completions, /v1/messages (Anthropic) and "
+        "/v1/responses (OpenAI Responses), each JSON or SSE, GET /v1/models and "
         "GET /health with a canned answer and realistic usage. prompt_tokens comes from "
         "--tokenizer when given, else from a byte estimate (one token per four bytes).",
     )

@@ -38,7 +38,7 @@ from extproc.devstack import (
     start_postgres,
     wait_until,
 )
-from extproc.quickstart import check, curl_command
+from extproc.quickstart import check, curl_commands
 
 DEFAULT_WORKDIR = Path(".extproc-dev")
 ACCESS_LOG = "access.log"  # under the logs directory
@@ -62,7 +62,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument(
         "--upstream",
         metavar="URL",
-        help="an OpenAI-compatible server (http[s]://host[:port]); default: the built-in demo",
+        help="an OpenAI- or Anthropic-compatible server (http[s]://host[:port]); default: the "
+        "built-in demo",
     )
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model alias to cache (demo)")
     parser.add_argument(
@@ -301,9 +302,10 @@ def print_ready(endpoints: Endpoints, args: argparse.Namespace, key_shown: str) 
         f"  PostgreSQL         {redact_password(endpoints.database)}\n"
         f"  logs               {endpoints.logs}\n"
         f"  access log         {access_log(endpoints.logs)}\n\n"
-        f"Try it twice: the first answer's usage shows a cache write "
-        f"(cache_creation_input_tokens), the second a read (cache_read_input_tokens).\n\n"
-        f"{curl_command(endpoints.url, key_shown, args.model)}\n\n"
+        f"Try one twice: the first answer's usage shows a cache write "
+        f"(cache_creation_input_tokens), the second a read (cache_read_input_tokens), in the\n"
+        f"usage shape of that API.\n\n"
+        f"{curl_commands(endpoints.url, key_shown, args.model)}\n\n"
         "Ctrl-C stops everything.",
         flush=True,
     )

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from extproc.config import parse_telemetry_prefixes
-from extproc.core import codec
+from extproc.core import codec, dialects
+from extproc.core.dialects import Dialect
 from extproc.core.errors import ClientError, ExtprocError
-from extproc.core.markers import error_envelope
 from extproc.core.model import DEFAULT_TELEMETRY_PREFIXES, RequestPolicy, Tier, TierPolicy
 from extproc.core.query import read_breakpoint_param
 from extproc.core.request import Prepared, prepare_walked
@@ -22,11 +22,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser(
         "explain",
         help="show blocks, breakpoints and prefix hashes of a request body",
-        description="Read a chat-completions request body and show what the sidecar sees: "
-        "blocks (tool definitions, message content, tool calls), cache breakpoints (the "
-        "automatic one included), telemetry blocks left out, prefix hashes and whether the "
-        "forwarded body changes. Invalid markers print the 400 body the client would get and "
-        "exit 2.",
+        description="Read a request body (chat completions, Anthropic Messages or OpenAI "
+        "Responses) and show what the sidecar sees: its route, blocks (tool definitions, "
+        "system, message content, tool calls), cache breakpoints (the automatic one "
+        "included), telemetry blocks left out, prefix hashes and whether the forwarded body "
+        "changes. The route is --route, else the one --path names, else told by the body's "
+        "shape. Invalid markers print the 400 body the client would get (in that route's "
+        "envelope) and exit 2.",
     )
     parser.add_argument("file", nargs="?", default="-", help="request body file, - for stdin")
     parser.add_argument(
@@ -42,9 +44,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="tier of a marker without ttl (default: 5m)",
     )
     parser.add_argument(
+        "--route",
+        choices=[d.name for d in dialects.ALL],
+        help="the API the body is for (default: from --path, else from the body's shape)",
+    )
+    parser.add_argument(
         "--path",
-        default="/v1/chat/completions",
-        help="the request path, for its cacheBreakpoint query parameter",
+        help="the request path: its route, and on chat its cacheBreakpoint query parameter",
     )
     parser.add_argument(
         "--telemetry-prefixes",
@@ -70,16 +76,68 @@ def _tiers(text: str) -> frozenset[Tier]:
 def run(args: argparse.Namespace) -> int:
     policy = RequestPolicy(_policy(args.enabled_ttls, args.default_ttl), args.telemetry_prefixes)
     raw = _read(args.file)
+    dialect = _dialect(args.route, args.path, raw)
     try:
-        automatic = read_breakpoint_param(args.path) is not None
-        prepared = prepare_walked(raw, policy, automatic)
+        automatic = dialect.breakpoint_param and read_breakpoint_param(args.path or "") is not None
+        prepared = prepare_walked(raw, policy, automatic, dialect)
     except ClientError as err:
-        sys.stdout.write(error_envelope(err).decode() + "\n")
+        sys.stdout.write(dialect.error_envelope(err).decode() + "\n")
         return EXIT_REJECTED
     if prepared is None:
         raise ExtprocError("input is not a JSON object; the sidecar would forward it untouched")
     sys.stdout.write(codec.pretty(describe(prepared)).decode())
     return 0
+
+
+def _dialect(route: str | None, path: str | None, raw: bytes) -> Dialect:
+    """The dialect ``--route`` names, else the one serving ``--path``, else the body's shape."""
+    if route is not None:
+        return dialects.by_name(route)
+    if path is not None:
+        found = dialects.for_request("POST", path)
+        if found is None:
+            raise ExtprocError(f"no route of the sidecar serves {path!r} (see --route)")
+        return found
+    try:
+        doc = codec.loads(raw)
+    except codec.JSONDecodeError:
+        doc = None
+    return dialects.by_name(detect_route(doc))
+
+
+_ANTHROPIC_BLOCKS = frozenset(
+    {"tool_use", "tool_result", "thinking", "redacted_thinking", "document"}
+)
+
+
+def detect_route(doc: Any) -> str:
+    """The API a body is shaped for: ``responses``, ``messages`` or (the default) ``chat``."""
+    if not isinstance(doc, dict):
+        return "chat"
+    if "messages" not in doc and ("input" in doc or "instructions" in doc):
+        return "responses"
+    if "system" in doc or any(_is_anthropic_tool(t) for t in _list(doc.get("tools"))):
+        return "messages"
+    for message in _list(doc.get("messages")):
+        content = message.get("content") if isinstance(message, dict) else None
+        if any(_is_anthropic_block(b) for b in _list(content)):
+            return "messages"
+    return "chat"
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _is_anthropic_tool(tool: Any) -> bool:
+    return isinstance(tool, dict) and "input_schema" in tool
+
+
+def _is_anthropic_block(block: Any) -> bool:
+    if not isinstance(block, dict):
+        return False
+    kind = block.get("type")
+    return kind in _ANTHROPIC_BLOCKS or (kind == "image" and "source" in block)
 
 
 def _policy(enabled: frozenset[Tier], default: Tier) -> TierPolicy:
@@ -101,6 +159,7 @@ def _read(name: str) -> bytes:
 def describe(prepared: Prepared) -> dict[str, Any]:
     """The JSON-ready view of a prepared request."""
     return {
+        "route": prepared.route,
         "model": prepared.model,
         "stream": prepared.stream,
         "blocks": [

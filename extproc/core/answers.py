@@ -17,14 +17,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from extproc.core import sse, usage
-from extproc.core.sse import Kind, SseEvent, StreamFacts
+from extproc.core.sse import EventGrammar, Kind, SseEvent, StreamFacts
 
 
 class SseAnswer:
     """One streamed answer: frames in, the bytes to send for each chunk out."""
 
-    def __init__(self) -> None:
-        self._stream = sse.SseStream()
+    def __init__(self, grammar: EventGrammar) -> None:
+        self._stream = sse.SseStream(grammar)
         self._backlog: list[SseEvent] = []
         self._out = bytearray()
         self.chunk = b""

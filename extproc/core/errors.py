@@ -22,6 +22,7 @@ class RejectReason(enum.Enum):
     TOO_MANY_BREAKPOINTS = "too_many_breakpoints"
     AUTOMATIC_TTL_CONFLICT = "automatic_ttl_conflict"
     AUTOMATIC_NO_SLOT = "automatic_no_slot"
+    MARKER_NOT_ALLOWED = "marker_not_allowed"
     INVALID_CACHE_BREAKPOINT = "invalid_cache_breakpoint"
     UNREADABLE_BODY = "unreadable_body"
     BODY_READ_FAILED = "body_read_failed"

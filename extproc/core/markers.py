@@ -78,6 +78,14 @@ def require_enabled(tier: Tier, policy: TierPolicy) -> Tier:
     return tier
 
 
+def refuse_marker_on(kind: str) -> MarkerError:
+    """The error for a marker on a block type that cannot carry one (a ``thinking`` block)."""
+    return MarkerError(
+        RejectReason.MARKER_NOT_ALLOWED,
+        f"cache_control cannot be set on a {codec.quote(kind)} block",
+    )
+
+
 def check_breakpoint_count(count: int) -> None:
     """Raise ``too_many_breakpoints`` when ``count`` exceeds ``MAX_BREAKPOINTS``."""
     if count > MAX_BREAKPOINTS:

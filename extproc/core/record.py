@@ -1,10 +1,12 @@
 """The accounting record of one request (DESIGN §13): what billing reads in Envoy's access log.
 
 Rules:
-* one record per chat request whose answer the session settled or let pass (``Settled``,
+* one record per request on any route whose answer the session settled or let pass (``Settled``,
   ``Unwatched``), active, zero-active and inactive alike; an inactive one says why (``reason``);
 * the split is the one the client saw: the engine's own read for an engine read, capped by
-  ``prompt_tokens`` the way the usage edit caps it; no usage seen, no cap;
+  ``prompt_tokens`` the way the usage edit caps it; no usage seen, no cap; ``prompt_tokens``
+  is the upstream's whole prompt in that API's terms (chat ``prompt_tokens``, Responses
+  ``input_tokens``, Messages the sum of its three input counts); ``route`` names the API;
 * a stream whose final usage went out before its end gets a record then, with the commit
   ``no_end_of_stream``; the record of its end replaces every field (a stream cut in between
   keeps the first);
@@ -20,8 +22,9 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
+from extproc.core.dialects import chat, messages, responses
 from extproc.core.model import Classification, Split, Tier
 from extproc.core.phases import Settled, Unwatched, UsageSent
 from extproc.core.usage import capped, engine_split
@@ -29,6 +32,12 @@ from extproc.core.verdict import VetoReason
 
 NAMESPACE = "extproc.prompt_cache"
 CHAT_ROUTE = "chat_completions"
+_ROUTES = {chat.NAME: CHAT_ROUTE, messages.NAME: "messages", responses.NAME: "responses"}
+
+
+def route_of(dialect: str | None) -> str:
+    """The record's ``route`` for a dialect name (chat completions when none is known)."""
+    return _ROUTES.get(dialect or chat.NAME, CHAT_ROUTE)
 
 
 class Commit(enum.Enum):
@@ -113,7 +122,7 @@ def _record(
     commit: str,
 ) -> Record:
     found = classification or Classification.inactive("not_joined")
-    prompt_tokens = _prompt_tokens(usage)
+    prompt_tokens = _prompt_tokens(usage, route)
     return Record(
         outcome=found.outcome.value,
         reason=found.reason,
@@ -121,21 +130,36 @@ def _record(
         principal=found.principal,
         route=route,
         prompt_tokens=prompt_tokens,
-        split=_seen_split(found, usage, prompt_tokens),
+        split=_seen_split(found, usage, prompt_tokens, route),
         read_source=_source(found),
         commit=commit,
     )
 
 
 def _seen_split(
-    classification: Classification, usage: Mapping[str, Any] | None, prompt_tokens: int | None
+    classification: Classification,
+    usage: Mapping[str, Any] | None,
+    prompt_tokens: int | None,
+    route: str,
 ) -> Split:
     split = classification.split
     if split is None:
         return Split()
     if classification.engine:
-        split = engine_split(usage) if usage is not None else Split()
+        split = _engine_split(usage, route) if usage is not None else Split()
     return split if prompt_tokens is None else capped(split, prompt_tokens)
+
+
+def _engine_split(usage: Mapping[str, Any], route: str) -> Split:
+    """The engine's own read, where that API reports it."""
+    if route == CHAT_ROUTE:
+        return engine_split(usage)
+    if route == "messages":
+        read = usage.get("cache_read_input_tokens")
+    else:
+        details = usage.get("input_tokens_details")
+        read = details.get("cached_tokens") if isinstance(details, dict) else None
+    return Split(read=read if _is_count(read) else 0)
 
 
 def _source(classification: Classification) -> ReadSource:
@@ -144,8 +168,15 @@ def _source(classification: Classification) -> ReadSource:
     return ReadSource.ENGINE if classification.engine else ReadSource.INDEX
 
 
-def _prompt_tokens(usage: Mapping[str, Any] | None) -> int | None:
-    value = None if usage is None else usage.get("prompt_tokens")
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    return None
+def _prompt_tokens(usage: Mapping[str, Any] | None, route: str) -> int | None:
+    """The upstream's whole prompt as that API counts it (Messages: its three input counts)."""
+    if usage is None:
+        return None
+    if route == "messages":
+        return messages.upstream_total(usage)
+    value = usage.get("input_tokens" if route == "responses" else "prompt_tokens")
+    return value if _is_count(value) else None
+
+
+def _is_count(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

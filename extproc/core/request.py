@@ -1,4 +1,4 @@
-"""Prepare one chat-completions request body: read it once, validate, hash, strip (DESIGN §3, §4).
+"""Prepare one request body: read it once, validate, hash, strip (DESIGN §3, §4, §12).
 
 Invariants:
 * the body is read losslessly (``spans``) and never re-serialised: the forwarded body is the
@@ -7,13 +7,17 @@ Invariants:
 * when nothing changed, ``Prepared.body`` is the very bytes object that came in;
 * a body that is not a JSON object is forwarded untouched, unless it may carry a marker we
   cannot read: then it is refused (``unreadable_body``), never forwarded with its markers;
-* invalid markers raise ``MarkerError``: block markers in block order first, then the count,
-  then the top-level (automatic) marker and its placement;
+* where the blocks and markers are is the dialect's (``dialects``, chat completions by
+  default); everything after the layout is shared;
+* invalid markers raise ``MarkerError``: block markers in block order first (a marker on a
+  block that cannot carry one included), then the markers that place nothing, then the
+  count, then the top-level (automatic) marker and its placement;
 * a non-null top-level ``cache_control`` wins over the ``cacheBreakpoint`` query parameter;
 * a body that cannot hold a marker or a telemetry block (neither their bytes nor an escaped
   ASCII character that could spell them) is not walked block by block: orjson tells its
-  model and stream flag, and only a stream's ``stream_options`` is read for its edit (it has
-  no blocks that matter: no breakpoint, nothing hashed); ``prepare_walked`` always walks.
+  model and stream flag, and only the dialect's plain edit is made (chat: a stream's
+  ``stream_options``; it has no blocks that matter: no breakpoint, nothing hashed);
+  ``prepare_walked`` always walks.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from dataclasses import dataclass
 
 from extproc.core import codec, markers, spans
 from extproc.core.dialects import chat
+from extproc.core.dialects.api import Dialect
+from extproc.core.dialects.blocks import Layout, Telemetry
 from extproc.core.errors import BodyReadError, RejectReason
 from extproc.core.model import PrefixHash, RequestPolicy, Tier
 from extproc.core.prefix import Block, Breakpoint, prefix_hashes
@@ -50,35 +56,44 @@ class Prepared:
     blocks: tuple[Block, ...]
     hashes: tuple[PrefixHash, ...]
     breakpoints: tuple[Breakpoint, ...]
-    telemetry: tuple[chat.Telemetry, ...] = ()
+    telemetry: tuple[Telemetry, ...] = ()
+    route: str = chat.NAME
 
 
-def prepare(raw: bytes, policy: RequestPolicy, query_automatic: bool = False) -> Prepared | None:
+def prepare(
+    raw: bytes,
+    policy: RequestPolicy,
+    query_automatic: bool = False,
+    dialect: Dialect = chat.DIALECT,
+) -> Prepared | None:
     """Read and validate ``raw``; ``None`` when it is not a JSON object (forward it untouched).
 
     ``query_automatic`` says the path carried ``cacheBreakpoint=lastUserMessage``.
     """
     if not query_automatic and not _may_hold_blocks_we_own(raw, policy):
-        plain = _prepare_plain(raw)
+        plain = _prepare_plain(raw, dialect)
         if not isinstance(plain, _Unread):
             return plain
-    return prepare_walked(raw, policy, query_automatic)
+    return prepare_walked(raw, policy, query_automatic, dialect)
 
 
 def prepare_walked(
-    raw: bytes, policy: RequestPolicy, query_automatic: bool = False
+    raw: bytes,
+    policy: RequestPolicy,
+    query_automatic: bool = False,
+    dialect: Dialect = chat.DIALECT,
 ) -> Prepared | None:
     """``prepare`` that always walks every block (``explain`` shows them all)."""
     text = spans.decode(raw)
     try:
-        root = spans.read(text, chat.SHAPE)
+        root = spans.read(text, dialect.shape)
     except spans.NotJson:
         _refuse_if_marked(raw)
         return None
     if not isinstance(root.value, dict):
         return None
     splice = spans.Splice()
-    found = chat.layout(root, policy, splice)
+    found = dialect.layout(root, policy, splice)
     blocks, points = _breakpoints(found, policy, query_automatic)
     model = root.value.get("model")
     return Prepared(
@@ -91,6 +106,7 @@ def prepare_walked(
         hashes=prefix_hashes(blocks),
         breakpoints=points,
         telemetry=found.telemetry,
+        route=dialect.name,
     )
 
 
@@ -99,7 +115,6 @@ class _Unread:
 
 
 _UNREAD = _Unread()
-_TOP_SHAPE = spans.Obj({"stream_options": spans.SHALLOW})
 
 
 def _may_name_a_marker(data: bytes) -> bool:
@@ -116,7 +131,7 @@ def _may_hold_blocks_we_own(raw: bytes, policy: RequestPolicy) -> bool:
     return any(prefix.encode() in raw for prefix in policy.telemetry_prefixes)
 
 
-def _prepare_plain(raw: bytes) -> Prepared | _Unread | None:
+def _prepare_plain(raw: bytes, dialect: Dialect) -> Prepared | _Unread | None:
     """A body without markers or telemetry: its model and stream flag, and the usage edit."""
     try:
         doc = codec.loads(raw)
@@ -125,7 +140,7 @@ def _prepare_plain(raw: bytes) -> Prepared | _Unread | None:
     if not isinstance(doc, dict):
         return None
     model, stream = doc.get("model"), doc.get("stream") is True
-    body = _with_include_usage(raw) if stream else raw
+    body = dialect.plain_body(raw, stream)
     return Prepared(
         body=body,
         changed=body is not raw,
@@ -135,22 +150,17 @@ def _prepare_plain(raw: bytes) -> Prepared | _Unread | None:
         blocks=(),
         hashes=(),
         breakpoints=(),
+        route=dialect.name,
     )
 
 
-def _with_include_usage(raw: bytes) -> bytes:
-    text = spans.decode(raw)
-    root = spans.read(text, _TOP_SHAPE)
-    splice = spans.Splice()
-    chat.force_include_usage(root, splice)
-    return spans.encode(splice.apply(text)) if splice else raw
-
-
 def _breakpoints(
-    found: chat.Layout, policy: RequestPolicy, query_automatic: bool
+    found: Layout, policy: RequestPolicy, query_automatic: bool
 ) -> tuple[tuple[Block, ...], tuple[Breakpoint, ...]]:
     """The blocks with their explicit tiers, and every breakpoint (automatic one included)."""
-    tiers = [markers.marker_tier(site.marker, policy.tiers) for site in found.sites]
+    tiers = [_site_tier(site.marker, site.markable, site.kind, policy) for site in found.sites]
+    for marker in found.loose:
+        markers.marker_tier(marker, policy.tiers)
     explicit = [Breakpoint(i, tier) for i, tier in enumerate(tiers) if tier is not None]
     markers.check_breakpoint_count(len(explicit))
     blocks = tuple(
@@ -164,6 +174,12 @@ def _breakpoints(
     if placed.block is None:
         return blocks, tuple(explicit)
     return blocks, (*explicit, Breakpoint(placed.block, placed.tier, automatic=True))
+
+
+def _site_tier(marker: object, markable: bool, kind: str, policy: RequestPolicy) -> Tier | None:
+    if marker is not None and not markable:
+        raise markers.refuse_marker_on(kind)
+    return markers.marker_tier(marker, policy.tiers)
 
 
 def _automatic_tier(top: object, policy: RequestPolicy, query_automatic: bool) -> Tier | None:

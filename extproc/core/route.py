@@ -1,9 +1,9 @@
-"""Which requests are ours and who sent them: the chat route, the caller, the media types.
+"""Who sent a request and what its line says: the caller, the request facts, the media types.
 
 Rules:
-* a request is ours when it is a ``POST`` to a path ending in ``/chat/completions``, query
-  string excluded;
-* the bearer token is the value after ``Bearer `` or ``bearer `` (value and token trimmed);
+* which requests are ours is the dialects' (``dialects.for_request``);
+* the caller's token is the value after ``Bearer `` or ``bearer `` (value and token trimmed)
+  of ``authorization``, else the ``x-api-key`` header (trimmed), the one Anthropic's SDKs send;
 * the caller keeps only the headers the principal source reads, never the others;
 * when Envoy skips the request headers, the same facts come from the request attributes
   ``request.path``, ``request.method``, ``request.id`` and ``request.headers['<name>']``
@@ -17,12 +17,13 @@ from dataclasses import dataclass
 
 from extproc.core.model import Caller
 
-CHAT_SUFFIX = "/chat/completions"
 SSE_TYPE = "text/event-stream"
 PATH_ATTRIBUTE = "request.path"
 METHOD_ATTRIBUTE = "request.method"
 ID_ATTRIBUTE = "request.id"
 REQUEST_ID_HEADER = "x-request-id"
+API_KEY_HEADER = "x-api-key"
+TOKEN_HEADERS = frozenset({"authorization", API_KEY_HEADER})
 MAX_REQUEST_ID = 128
 
 
@@ -52,20 +53,11 @@ class RequestLine:
         )
 
     @property
-    def is_chat(self) -> bool:
-        return is_chat_request(self.method, self.path)
-
-    @property
     def request_id(self) -> str:
         return self.headers.get(REQUEST_ID_HEADER, "")[:MAX_REQUEST_ID]
 
     def caller(self, keep: frozenset[str]) -> Caller:
         return caller_from(self.headers, keep)
-
-
-def is_chat_request(method: str, path: str) -> bool:
-    """``POST`` to a path ending in ``/chat/completions``, query string excluded."""
-    return method == "POST" and path.partition("?")[0].endswith(CHAT_SUFFIX)
 
 
 def is_success(status: int) -> bool:
@@ -89,6 +81,12 @@ def bearer_token(authorization: str | None) -> str | None:
 
 
 def caller_from(headers: Mapping[str, str], keep: frozenset[str]) -> Caller:
-    """The caller: its bearer token and only the headers the principal source reads."""
+    """The caller: its token and only the headers the principal source reads."""
     kept = {name: value for name, value in headers.items() if name in keep}
-    return Caller(bearer_token(headers.get("authorization")), kept)
+    token = bearer_token(headers.get("authorization")) or api_key(headers.get(API_KEY_HEADER))
+    return Caller(token, kept)
+
+
+def api_key(value: str | None) -> str | None:
+    """An ``x-api-key`` value, trimmed; ``None`` when absent or blank."""
+    return None if value is None else value.strip() or None

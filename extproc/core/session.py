@@ -7,11 +7,14 @@ Rules:
 * three layouts are accepted: request headers first, or the request body first with the
   request facts in its attributes (``route.RequestLine``), and response headers, or the first
   response body chunk with the status (then the answer is streamed: SSE, or JSON held whole);
-* only ``POST`` to a path ending in ``/chat/completions`` (query excluded) is watched; anything
-  else is answered ``SkipRest`` (headers first) or ``Continue`` from then on, untouched;
-* a ``cacheBreakpoint`` query parameter is read on the request headers: a bad value is a
-  ``Reject``, a good one is removed from the path (``RewritePath``); body first, the path
-  cannot change, so the parameter is refused there;
+* only a ``POST`` that a dialect serves (``dialects.for_request``: ``…/chat/completions``,
+  ``…/v1/messages``, ``…/v1/responses``, query excluded) is watched; anything else is
+  answered ``SkipRest`` (headers first) or ``Continue`` from then on, untouched; the session
+  never looks inside a body itself: the dialect reads the request and its answer;
+* on a dialect that takes it (chat), a ``cacheBreakpoint`` query parameter is read on the
+  request headers: a bad value is a ``Reject``, a good one is removed from the path
+  (``RewritePath``); body first, the path cannot change, so the parameter is refused there;
+  elsewhere the parameter is not ours and goes upstream as sent;
 * a request body that is not a JSON object is forwarded untouched; invalid markers, an
   unreadable marked body or an oversized body are a ``Reject``; a request that cannot be
   classified (no bearer token, not JSON) is inactive at once (``Classified``);
@@ -34,8 +37,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from extproc.core import defaults, markers, query, request, route, usage, verdict
+from extproc.core import defaults, dialects, query, request, route, usage, verdict
 from extproc.core.answers import SseAnswer, looks_like_sse
+from extproc.core.dialects import Answer, Dialect
 from extproc.core.errors import BodyReadError, BreakpointParamError, ClientError, SessionStateError
 from extproc.core.model import Caller, Classification, RequestPolicy
 from extproc.core.phases import (
@@ -86,7 +90,7 @@ class SessionPolicy:
     @property
     def attribute_headers(self) -> frozenset[str]:
         """The headers read from attributes when the request headers are skipped."""
-        return self.caller_headers | {"authorization"}
+        return self.caller_headers | route.TOKEN_HEADERS
 
 
 class State(enum.Enum):
@@ -113,7 +117,8 @@ class Session:
         self.state = State.REQUEST_HEADERS
         self.request_id = ""
         self.classification: Classification | None = None
-        self._chat = False
+        self._dialect: Dialect | None = None
+        self._answer: Answer | None = None
         self._prepared: Prepared | None = None
         self._caller = Caller(None)
         self._accounted = False
@@ -153,6 +158,11 @@ class Session:
         self.classification = classification
 
     @property
+    def dialect_name(self) -> str | None:
+        """The name of the API the request speaks (its dialect), once known."""
+        return None if self._dialect is None else self._dialect.name
+
+    @property
     def wants_classification(self) -> bool:
         """Whether a classification can still be used (offered or resolved)."""
         return self._accounted and self.classification is None and not self._settled
@@ -174,7 +184,7 @@ class Session:
         if opened is not CONTINUE:
             return opened
         try:
-            param = query.read_breakpoint_param(event.path)
+            param = self._breakpoint_param(event.path)
         except ClientError as err:
             return self._reject(err)
         self.state = State.RESPONSE_HEADERS if event.end_of_stream else State.REQUEST_BODY
@@ -183,11 +193,17 @@ class Session:
         self._query_automatic = True
         return RewritePath(param.path)
 
+    def _breakpoint_param(self, path: str) -> query.BreakpointParam | None:
+        assert self._dialect is not None
+        return query.read_breakpoint_param(path) if self._dialect.breakpoint_param else None
+
     def _open(self, line: route.RequestLine) -> Step:
-        if not line.is_chat:
+        dialect = dialects.for_request(line.method, line.path)
+        if dialect is None:
             self.state = State.PASSTHROUGH
             return SKIP_REST
-        self._chat = True
+        self._dialect = dialect
+        self._answer = dialect.answer()
         self.request_id = line.request_id
         self._caller = line.caller(self.policy.caller_headers)
         return CONTINUE
@@ -198,7 +214,8 @@ class Session:
         line = route.RequestLine.from_attributes(event.attributes, self.policy.attribute_headers)
         if self._open(line) is not CONTINUE:
             return CONTINUE  # not ours: a body reply cannot skip the rest
-        if query.PARAM in line.path.partition("?")[2]:
+        assert self._dialect is not None
+        if self._dialect.breakpoint_param and query.PARAM in line.path.partition("?")[2]:
             return self._reject(
                 BreakpointParamError(f"{query.PARAM} is not supported on this route")
             )
@@ -228,16 +245,18 @@ class Session:
     def _prepare(self, body: bytes) -> Prepared | None:
         if len(body) > self.policy.max_body_bytes:
             raise BodyReadError(f"request body exceeds {self.policy.max_body_bytes} bytes")
-        return request.prepare(body, self.policy.request, self._query_automatic)
+        assert self._dialect is not None
+        return request.prepare(body, self.policy.request, self._query_automatic, self._dialect)
 
     def _classified(self, classification: Classification) -> None:
         self.classification = classification
         self._effects.append(Classified(classification))
 
     def _reject(self, err: ClientError) -> Reject:
+        assert self._dialect is not None
         self.state = State.DONE
         self._effects.append(Rejected(err))
-        return Reject(400, markers.error_envelope(err), f"extproc_{err.code}")
+        return Reject(400, self._dialect.error_envelope(err), f"extproc_{err.code}")
 
     def _on_request_trailers(self, _event: RequestTrailers) -> Step:
         self.state = State.RESPONSE_HEADERS
@@ -253,13 +272,13 @@ class Session:
         if mode is None:
             return self._unwatched(event.status)
         if mode is ResponseMode.STREAMED:
-            self._sse = SseAnswer()
+            self._sse = SseAnswer(self._reader)
         self.state = State.SSE_BODY if mode is ResponseMode.STREAMED else State.JSON_BODY
         return WatchResponse(mode)
 
     def _watch(self, status: int, media: str) -> ResponseMode | None:
         """The body mode when there is something to write and it can be edited, else ``None``."""
-        if not self._chat or not route.is_success(status) or not self._worth_watching:
+        if self._dialect is None or not route.is_success(status) or not self._worth_watching:
             return None
         if media == route.SSE_TYPE:
             return ResponseMode.STREAMED
@@ -277,7 +296,7 @@ class Session:
         if self._accounted and not route.is_success(status):
             self._settle(end_of_stream=False, usage_seen=False)
             self.state = State.PASSTHROUGH
-        elif self._chat and route.is_success(status):
+        elif self._dialect is not None and route.is_success(status):
             self._effects.append(Unwatched(self.classification))
         return CONTINUE
 
@@ -286,10 +305,10 @@ class Session:
         if event.status is None:
             raise SessionStateError("response body before response headers, without a status")
         self._status = event.status
-        if not self._chat or not route.is_success(self._status) or not self._worth_watching:
+        if self._dialect is None or not route.is_success(self._status) or not self._worth_watching:
             return self._unwatched(self._status)
         if looks_like_sse(event.chunk) and (self._prepared is None or self._prepared.stream):
-            self._sse = SseAnswer()
+            self._sse = SseAnswer(self._reader)
             self.state = State.SSE_BODY
             return self._on_sse_body(event)
         self.state = State.JSON_BODY
@@ -310,7 +329,7 @@ class Session:
 
     def _finish_json(self) -> Action:
         whole = self._held[0] if len(self._held) == 1 else b"".join(self._held)
-        edit = usage.edit_json_body(whole, self._rule)
+        edit = usage.edit_json_body(whole, self._rule, self._reader.edit_body)
         self._settle(
             edit.usage, end_of_stream=True, usage_seen=edit.usage_seen, error_seen=edit.error_seen
         )
@@ -345,7 +364,13 @@ class Session:
 
     @property
     def _rule(self) -> usage.UsageRule:
-        return usage.UsageRule.of(self.classification, self.policy.scrub)
+        tiers = self.policy.request.tiers.enabled
+        return usage.UsageRule.of(self.classification, self.policy.scrub, tiers)
+
+    @property
+    def _reader(self) -> Answer:
+        assert self._answer is not None
+        return self._answer
 
     def _settle_stream(self) -> None:
         assert self._sse is not None
@@ -356,6 +381,7 @@ class Session:
             usage_seen=facts.usage_seen,
             error_seen=facts.error_seen,
             oversized=facts.oversized,
+            completed=facts.completed,
         )
 
     def _settle(self, seen: Mapping[str, Any] | None = None, **facts: bool) -> Step:

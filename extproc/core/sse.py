@@ -15,11 +15,13 @@ Rules:
 * an event is JSON-parsed only when its bytes contain ``"error"`` or ``[DONE]``, or
   ``"usage"`` other than as ``"usage":null``; ``passes_whole`` says when a chunk of whole
   events cannot matter at all (then it need not be fed);
-* a usage-bearing frame is one whose data is a JSON object with a ``usage`` object and no
-  error; it is *final* (``Kind.FINAL``) when its ``choices`` is empty or absent or one of
-  them has a ``finish_reason``, else ``Kind.USAGE`` (vLLM's continuous usage stats); an error
-  frame is one whose data object has an ``error`` object (or is the older
-  ``"object": "error"`` envelope);
+* what a parsed event means is the API's ``EventGrammar``: an error (``Kind.ERROR``), a
+  usage-bearing frame that waits for the classification (``Kind.FINAL``) or never waits
+  (``Kind.USAGE``), the event that completes the answer (``Kind.STOP``) or nothing; the
+  grammar also names the bytes that make an event worth parsing besides a non-null
+  ``usage``, ``"error"`` and ``[DONE]``, and edits a usage-bearing frame's data;
+* a grammar with completing kinds (``EventGrammar.completing``) makes the stream complete
+  only once one of them was seen; without any, every stream is complete;
 * an event longer than ``MAX_EVENT_BYTES`` raises ``EventTooLarge``; from then on the stream
   passes every chunk through as one plain event, unframed and unclassified.
 """
@@ -30,11 +32,11 @@ import enum
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from extproc.core import spans
 from extproc.core.errors import UpstreamFormatError
-from extproc.core.usage import UsageRule, edit_document, is_error_document, parse_object
+from extproc.core.usage import UsageRule, parse_object
 
 MAX_EVENT_BYTES = 64 * 1024
 
@@ -55,9 +57,35 @@ class Kind(enum.Enum):
     FINAL = "final"
     ERROR = "error"
     DONE = "done"
+    STOP = "stop"
 
 
 USAGE_KINDS = frozenset({Kind.USAGE, Kind.FINAL})
+
+
+class EventGrammar(Protocol):
+    """What one API's stream events mean (see the module rules)."""
+
+    @property
+    def triggers(self) -> tuple[bytes, ...]:
+        """Bytes that make an event worth parsing, besides a usage, an error or ``[DONE]``."""
+        ...
+
+    @property
+    def completing(self) -> frozenset[Kind]:
+        """The kinds that complete the answer; empty when any stream is complete."""
+        ...
+
+    def kind(self, doc: dict[str, Any]) -> Kind:
+        """What the event whose data is ``doc`` means."""
+        ...
+
+    def edit(self, text: str, rule: UsageRule) -> str | None:
+        """A usage-bearing frame's data with ``rule`` applied; ``None`` when unchanged.
+
+        Raises ``ValueError`` when the data is not a JSON object.
+        """
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +104,7 @@ class StreamFacts:
     error_seen: bool
     done_seen: bool
     oversized: bool
+    completed: bool = True
 
 
 class EventTooLarge(UpstreamFormatError):
@@ -98,7 +127,9 @@ class SseStream:
     ``final_usage`` is the upstream's usage object of the last final frame edited, if any.
     """
 
-    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+    def __init__(self, grammar: EventGrammar, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+        self._grammar = grammar
+        self._triggers = grammar.triggers
         self._buf = bytearray()
         self._scan = 0
         self._max = max_event_bytes
@@ -107,10 +138,13 @@ class SseStream:
         self._done_seen = False
         self._oversized = False
         self.final_usage: Mapping[str, Any] | None = None
+        self._completed = not grammar.completing
 
     @property
     def facts(self) -> StreamFacts:
-        return StreamFacts(self._usage_seen, self._error_seen, self._done_seen, self._oversized)
+        return StreamFacts(
+            self._usage_seen, self._error_seen, self._done_seen, self._oversized, self._completed
+        )
 
     def feed(self, chunk: bytes) -> list[SseEvent]:
         """Complete events so far; an empty list means more data is needed."""
@@ -137,7 +171,11 @@ class SseStream:
             and b"usage" not in chunk
             and b"error" not in chunk
             and b"[DONE]" not in chunk
+            and not (self._triggers and self._has_trigger(chunk))
         )
+
+    def _has_trigger(self, data: bytes | bytearray) -> bool:
+        return any(trigger in data for trigger in self._triggers)
 
     def flush(self) -> list[SseEvent]:
         """At end of stream: the held events, then any unterminated rest as a plain event.
@@ -156,14 +194,14 @@ class SseStream:
         if event.kind not in USAGE_KINDS:
             raise ValueError(f"not a usage-bearing frame: {event.kind.value} event")
         payload = _data_payload(event.raw)
-        edit = None if payload is None else edit_document(spans.decode(payload), rule)
-        if edit is None:
+        if payload is None:
             raise ValueError("the usage frame carries no JSON object")
         if event.kind is Kind.FINAL:
-            self.final_usage = edit.usage
-        if edit.text is None:
+            self.final_usage = _usage_object(parse_object(payload))
+        edited = self._grammar.edit(spans.decode(payload), rule)
+        if edited is None:
             return event.raw
-        return _replace_data(event.raw, spans.encode(edit.text))
+        return _replace_data(event.raw, spans.encode(edited))
 
     def _pending(self, chunk: bytes) -> bytes | bytearray:
         """The bytes to frame: the chunk itself when nothing is held (no copy), else the buffer."""
@@ -202,7 +240,7 @@ class SseStream:
         self._scan = max(0, len(self._buf) - _LOOKBACK)
 
     def _classify(self, raw: bytes) -> Kind:
-        if not _may_matter(raw):
+        if not _may_matter(raw) and not (self._triggers and self._has_trigger(raw)):
             return Kind.PLAIN
         payload = _data_payload(raw)
         if payload == b"[DONE]":
@@ -211,21 +249,17 @@ class SseStream:
         doc = None if payload is None else _parse(payload)
         if doc is None:
             return Kind.PLAIN
-        if is_error_document(doc):
+        kind = self._grammar.kind(doc)
+        self._note(kind)
+        return kind
+
+    def _note(self, kind: Kind) -> None:
+        if kind is Kind.ERROR:
             self._error_seen = True
-            return Kind.ERROR
-        if not isinstance(doc.get("usage"), dict):
-            return Kind.PLAIN
-        self._usage_seen = True
-        return Kind.FINAL if is_final(doc) else Kind.USAGE
-
-
-def is_final(doc: dict[str, Any]) -> bool:
-    """A usage frame after the tokens: no choices left, or one that finished."""
-    choices = doc.get("choices")
-    if not isinstance(choices, list) or not choices:
-        return True
-    return any(isinstance(c, dict) and c.get("finish_reason") is not None for c in choices)
+        elif kind in USAGE_KINDS:
+            self._usage_seen = True
+        if kind in self._grammar.completing:
+            self._completed = True
 
 
 def _parse(payload: bytes) -> dict[str, Any] | None:
@@ -238,6 +272,17 @@ def _parse(payload: bytes) -> dict[str, Any] | None:
     except spans.NotJson:
         return None
     return value if isinstance(value, dict) else None
+
+
+def _usage_object(doc: dict[str, Any] | None) -> Mapping[str, Any] | None:
+    """The usage object of an event: its own, or its response's or message's (as sent)."""
+    if doc is None:
+        return None
+    for found in (doc, doc.get("response"), doc.get("message")):
+        usage = found.get("usage") if isinstance(found, dict) else None
+        if isinstance(usage, dict):
+            return usage
+    return None
 
 
 def _may_matter(raw: bytes) -> bool:

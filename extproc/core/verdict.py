@@ -2,7 +2,9 @@
 
 Rules:
 * commit only when the status is 2xx, the body reached its end of stream, no error object or
-  frame was seen, every event could be framed and a usage object was seen (DESIGN §4.4);
+  frame was seen, every event could be framed, the stream's final event arrived where its
+  API has one (``message_stop``, ``response.completed``) and a usage object was seen
+  (DESIGN §4.4, §12);
 * otherwise the veto is the first failed check in ``_CHECKS`` order (the root cause first: a
   stream cut short also lacks its usage frame), and its value is the metric label.
 """
@@ -21,6 +23,7 @@ class VetoReason(enum.Enum):
     NO_END_OF_STREAM = "no_end_of_stream"
     ERROR_FRAME = "error_frame"
     OVERSIZED_EVENT = "oversized_event"
+    NO_FINAL_EVENT = "no_final_event"
     NO_USAGE = "no_usage"
 
 
@@ -33,6 +36,7 @@ class ResponseFacts:
     usage_seen: bool
     error_seen: bool = False
     oversized: bool = False
+    completed: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +54,7 @@ _CHECKS: tuple[tuple[VetoReason, Callable[[ResponseFacts], bool]], ...] = (
     (VetoReason.NO_END_OF_STREAM, lambda f: f.end_of_stream),
     (VetoReason.ERROR_FRAME, lambda f: not f.error_seen),
     (VetoReason.OVERSIZED_EVENT, lambda f: not f.oversized),
+    (VetoReason.NO_FINAL_EVENT, lambda f: f.completed),
     (VetoReason.NO_USAGE, lambda f: f.usage_seen),
 )
 

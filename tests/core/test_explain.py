@@ -158,6 +158,7 @@ EXPLAINED = [
         STRING_BODY,
         [],
         {
+            "route": "chat",
             "model": "qwen",
             "stream": False,
             "blocks": STRING_BLOCKS,
@@ -172,6 +173,7 @@ EXPLAINED = [
         STRING_BODY,
         ["--path", CHAT + "?cacheBreakpoint=lastUserMessage"],
         {
+            "route": "chat",
             "model": "qwen",
             "stream": False,
             "blocks": STRING_BLOCKS,
@@ -186,6 +188,7 @@ EXPLAINED = [
         ARRAY_BODY,
         ["--default-ttl", "24h"],
         {
+            "route": "chat",
             "model": "qwen",
             "stream": True,
             "blocks": [
@@ -213,6 +216,7 @@ EXPLAINED = [
         AGENT_BODY,
         [],
         {
+            "route": "chat",
             "model": "qwen",
             "stream": True,
             "blocks": AGENT_BLOCKS,
@@ -227,6 +231,7 @@ EXPLAINED = [
         AGENT_BODY,
         ["--path", CHAT + "?cacheBreakpoint=lastUserMessage"],
         {
+            "route": "chat",
             "model": "qwen",
             "stream": True,
             "blocks": AGENT_BLOCKS,
@@ -241,6 +246,7 @@ EXPLAINED = [
         WITHOUT_TOP,
         ["--path", CHAT + "?stream=1&cacheBreakpoint=lastUserMessage"],
         {
+            "route": "chat",
             "model": "qwen",
             "stream": True,
             "blocks": AGENT_BLOCKS,
@@ -437,3 +443,89 @@ def test_unknown_tier_flag_is_a_usage_error(capsys: pytest.CaptureFixture[str]) 
         main(["explain", "--enabled-ttls", "5m,2h"])
     assert caught.value.code == 2
     assert "unknown tier '2h'" in capsys.readouterr().err
+
+
+# ---- the other routes: --route, --path, or the body's shape ----
+
+MESSAGES_BODY = {
+    "model": "claude-local",
+    "max_tokens": 64,
+    "tools": [{"name": "t", "input_schema": {"type": "object"}}],
+    "system": [{"type": "text", "text": "static system", "cache_control": {"type": "ephemeral"}}],
+    "messages": [{"role": "user", "content": "hi"}],
+}
+RESPONSES_BODY = {
+    "model": "qwen",
+    "instructions": "static system",
+    "input": [{"role": "user", "content": "hi", "cache_control": {"type": "ephemeral"}}],
+}
+
+
+@pytest.mark.parametrize(
+    ("body", "flags", "route", "wheres"),
+    [
+        pytest.param(
+            MESSAGES_BODY, [], "messages", ["tools[0]", "system[0]", "messages[0].content"],
+            id="messages-by-shape",
+        ),
+        pytest.param(
+            RESPONSES_BODY, [], "responses", ["instructions", "input[0].content"],
+            id="responses-by-shape",
+        ),
+        pytest.param(
+            RESPONSES_BODY, ["--path", "/openai/v1/responses?x=1"], "responses",
+            ["instructions", "input[0].content"], id="responses-by-path",
+        ),
+        pytest.param(
+            STRING_BODY, ["--route", "messages"], "messages", ["messages[0].content",
+            "messages[1].content"], id="route-flag-wins",
+        ),
+    ],
+)  # fmt: skip
+def test_explain_other_routes(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    body: dict[str, Any],
+    flags: list[str],
+    route: str,
+    wheres: list[str],
+) -> None:
+    code, out, err = _run(tmp_path, capsys, codec.dumps(body), *flags)
+    assert (code, err) == (0, "")
+    shown = codec.loads(out)
+    assert shown["route"] == route
+    assert [b["where"] for b in shown["blocks"]] == wheres
+    assert shown["breakpoints"] != [] or route == "messages"
+
+
+def test_explain_messages_hashes_are_the_shared_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    body = {"system": "static system", "messages": [{"role": "user", "content": "hi"}]}
+    code, out, _ = _run(tmp_path, capsys, codec.dumps(body))
+    assert code == 0
+    assert codec.loads(out)["prefix_hashes"] == DESIGN_VECTORS
+
+
+def test_explain_messages_refusal_is_anthropics_envelope(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    thinking = {"type": "thinking", "thinking": "x", "cache_control": {"type": "ephemeral"}}
+    body = {"messages": [{"role": "assistant", "content": [thinking]}]}
+    code, out, _ = _run(tmp_path, capsys, codec.dumps(body))
+    assert code == 2
+    assert codec.loads(out) == {
+        "type": "error",
+        "error": {
+            "type": "invalid_request_error",
+            "message": 'cache_control cannot be set on a "thinking" block',
+        },
+    }
+
+
+def test_explain_unknown_path_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = _run(tmp_path, capsys, codec.dumps(STRING_BODY), "--path", "/v1/embeddings")
+    assert (code, out) == (1, "")
+    assert "no route of the sidecar serves '/v1/embeddings'" in err

@@ -17,6 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from extproc.core import codec, spans
+from extproc.core.dialects.chat import ANSWER as CHAT
+from extproc.core.dialects.chat import is_final
 from extproc.core.errors import UpstreamFormatError
 from extproc.core.model import Split, Tier
 from extproc.core.sse import (
@@ -26,7 +28,6 @@ from extproc.core.sse import (
     Kind,
     SseEvent,
     SseStream,
-    is_final,
 )
 from extproc.core.usage import UsageRule, edit_usage
 
@@ -37,7 +38,7 @@ K = Kind
 
 
 def replay(pieces: Iterable[bytes], stream: SseStream | None = None) -> list[SseEvent]:
-    stream = stream or SseStream()
+    stream = stream or SseStream(CHAT)
     events = [event for piece in pieces for event in stream.feed(piece)]
     return events + stream.flush()
 
@@ -144,7 +145,7 @@ def test_golden_transcript_whole_and_byte_by_byte(
 ) -> None:
     data = _golden(name, "")
     for pieces in ([data], [data[i : i + 1] for i in range(len(data))]):
-        stream = SseStream()
+        stream = SseStream(CHAT)
         events = replay(pieces, stream)
         assert [e.kind for e in events] == kinds
         assert b"".join(e.raw for e in events) == data
@@ -166,13 +167,13 @@ def test_golden_transcript_split_at_every_boundary(
 def test_golden_edit(name: str, suffix: str, rule: UsageRule) -> None:
     data = _golden(name, "")
     for pieces in ([data], [data[i : i + 1] for i in range(len(data))]):
-        stream = SseStream()
+        stream = SseStream(CHAT)
         assert render(stream, replay(pieces, stream), rule) == _golden(name, suffix)
 
 
 @pytest.mark.parametrize(("name", "suffix", "rule"), RENDERS)
 def test_golden_edit_touches_only_usage_values(name: str, suffix: str, rule: UsageRule) -> None:
-    stream = SseStream()
+    stream = SseStream(CHAT)
     for event in replay([_golden(name, "")], stream):
         if event.kind in USAGE_KINDS:
             edited = stream.edit_usage_event(event, rule)
@@ -215,7 +216,7 @@ def test_framing(pieces: list[bytes], expected: list[bytes]) -> None:
 
 
 def test_feed_holds_back_until_the_blank_line_completes() -> None:
-    stream = SseStream()
+    stream = SseStream(CHAT)
     assert stream.feed(b"data: a\n") == []
     assert stream.feed(b"\ndata: b\r") == [SseEvent(b"data: a\n\n")]
     assert stream.feed(b"\r") == []  # "\r\r" could still become "\r\r\n"
@@ -226,7 +227,7 @@ def test_feed_holds_back_until_the_blank_line_completes() -> None:
 
 def test_an_event_arriving_whole_is_passed_on_without_a_copy() -> None:
     chunk = b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n'
-    [event] = SseStream().feed(chunk)
+    [event] = SseStream(CHAT).feed(chunk)
     assert event.raw is chunk
 
 
@@ -289,7 +290,7 @@ CLASSIFY = [
 
 @pytest.mark.parametrize(("raw", "kind"), CLASSIFY)
 def test_classify(raw: bytes, kind: Kind) -> None:
-    stream = SseStream()
+    stream = SseStream(CHAT)
     assert stream.feed(raw) == [SseEvent(raw, kind)]
     facts = stream.facts
     assert (facts.usage_seen, facts.error_seen, facts.done_seen) == (
@@ -373,7 +374,7 @@ EDITS = [
 
 @pytest.mark.parametrize(("raw", "expected"), EDITS)
 def test_edit_usage_event(raw: bytes, expected: bytes) -> None:
-    edited = SseStream().edit_usage_event(SseEvent(raw, K.FINAL), RULE)
+    edited = SseStream(CHAT).edit_usage_event(SseEvent(raw, K.FINAL), RULE)
     assert edited == expected % INJECTED
     assert_only_usage_changed(raw, edited)
 
@@ -405,7 +406,7 @@ SCRUBS = [
 
 @pytest.mark.parametrize(("raw", "rule", "expected"), SCRUBS)
 def test_edit_with_other_rules(raw: bytes, rule: UsageRule, expected: bytes) -> None:
-    assert SseStream().edit_usage_event(SseEvent(raw, K.USAGE), rule) == expected
+    assert SseStream(CHAT).edit_usage_event(SseEvent(raw, K.USAGE), rule) == expected
 
 
 UNCHANGED = [
@@ -423,12 +424,12 @@ UNCHANGED = [
 
 @pytest.mark.parametrize(("raw", "rule"), UNCHANGED)
 def test_edit_with_nothing_to_change_returns_the_same_bytes(raw: bytes, rule: UsageRule) -> None:
-    [event] = SseStream().feed(raw)
-    assert SseStream().edit_usage_event(event, rule) is event.raw
+    [event] = SseStream(CHAT).feed(raw)
+    assert SseStream(CHAT).edit_usage_event(event, rule) is event.raw
 
 
 def test_edit_shows_the_split_capped() -> None:
-    stream = SseStream()
+    stream = SseStream(CHAT)
     [event] = stream.feed(b'data: {"usage":{"prompt_tokens":9}}\n\n')
     edited = stream.edit_usage_event(event, UsageRule(Split(read=10)))
     usage = codec.loads(edited.removeprefix(b"data: "))["usage"]
@@ -440,7 +441,7 @@ def test_edit_shows_the_split_capped() -> None:
 @pytest.mark.parametrize("kind", [pytest.param(k, id=k.value) for k in (K.PLAIN, K.DONE, K.ERROR)])
 def test_edit_refuses_other_events(kind: Kind) -> None:
     with pytest.raises(ValueError, match=f"not a usage-bearing frame: {kind.value} event"):
-        SseStream().edit_usage_event(SseEvent(b"data: [DONE]\n\n", kind), RULE)
+        SseStream(CHAT).edit_usage_event(SseEvent(b"data: [DONE]\n\n", kind), RULE)
 
 
 @pytest.mark.parametrize(
@@ -452,7 +453,7 @@ def test_edit_refuses_other_events(kind: Kind) -> None:
 )
 def test_edit_refuses_a_frame_without_a_json_object(raw: bytes) -> None:
     with pytest.raises(ValueError, match="carries no JSON object"):
-        SseStream().edit_usage_event(SseEvent(raw, K.FINAL), RULE)
+        SseStream(CHAT).edit_usage_event(SseEvent(raw, K.FINAL), RULE)
 
 
 # ---- oversized events ----
@@ -472,7 +473,7 @@ def _feed_all(stream: SseStream, pieces: list[bytes], out: list[SseEvent]) -> No
 
 @pytest.mark.parametrize("pieces", OVERSIZED)
 def test_oversized_event_raises_and_passes_everything_through(pieces: list[bytes]) -> None:
-    stream, out = SseStream(max_event_bytes=64), list[SseEvent]()
+    stream, out = SseStream(CHAT, max_event_bytes=64), list[SseEvent]()
     fed = b"".join(pieces)
     with pytest.raises(EventTooLarge) as caught:
         _feed_all(stream, pieces, out)
@@ -491,7 +492,7 @@ def test_event_of_exactly_the_cap_is_accepted() -> None:
     assert len(event) == MAX_EVENT_BYTES
     assert replay([event[i : i + 1000] for i in range(0, len(event), 1000)]) == [SseEvent(event)]
     with pytest.raises(EventTooLarge):
-        SseStream().feed(event[:-2] + b"x\n\n")
+        SseStream(CHAT).feed(event[:-2] + b"x\n\n")
 
 
 # ---- properties ----
@@ -560,7 +561,7 @@ def test_framing_is_chunking_invariant_and_lossless(case: tuple[bytes, list[byte
 @given(chunked(streams))
 def test_untouched_frames_come_out_byte_identical(case: tuple[bytes, list[bytes]]) -> None:
     _, pieces = case
-    stream = SseStream()
+    stream = SseStream(CHAT)
     events = replay(pieces, stream)
     out = [
         stream.edit_usage_event(e, GOLDEN_RULE) if e.kind in USAGE_KINDS else e.raw for e in events
@@ -614,7 +615,7 @@ usage_rules = st.sampled_from(
 @settings(max_examples=200)
 @given(usage_frames(), usage_rules)
 def test_usage_edit_touches_only_the_usage_value(raw: bytes, rule: UsageRule) -> None:
-    stream = SseStream()
+    stream = SseStream(CHAT)
     [event] = replay([raw], stream)
     assert event.kind in USAGE_KINDS
     edited = stream.edit_usage_event(event, rule)
@@ -646,10 +647,10 @@ PASSES_WHOLE = [
 
 @pytest.mark.parametrize(("chunk", "whole"), PASSES_WHOLE)
 def test_chunks_that_cannot_matter_pass_whole(chunk: bytes, whole: bool) -> None:
-    assert SseStream().passes_whole(chunk) is whole
+    assert SseStream(CHAT).passes_whole(chunk) is whole
 
 
 def test_nothing_passes_whole_while_a_partial_event_is_held() -> None:
-    stream = SseStream()
+    stream = SseStream(CHAT)
     assert stream.feed(b"data: par") == []
     assert not stream.passes_whole(b"tial\n\ndata: b\n\n")

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from aiohttp import web
 
 from extproc.commands.dev import (
     DEFAULT_MIN_PREFIX_TOKENS,
@@ -30,6 +31,9 @@ from extproc.commands.dev import (
 from extproc.core import codec
 from extproc.devstack import free_port, is_reachable_by, pg_data_dir
 from extproc.quickstart import (
+    PATHS,
+    NotServed,
+    _post,
     curl_command,
     example_body,
     forged_problems,
@@ -154,11 +158,13 @@ def test_printed_curl_is_the_example(
 ) -> None:
     _, lines = running_stack
     text = "".join(lines)
-    start = text.index("curl -s")
-    words = shlex.split(text[start : text.index("Ctrl-C")])
-    assert words[:3] == ["curl", "-s", words[2]]
-    assert words[2].endswith("/v1/chat/completions")
-    assert codec.loads(words[words.index("-d") + 1]) == example_body("demo")
+    shown = text[text.index("curl -s") : text.index("Ctrl-C")]
+    curls = [shlex.split(block, comments=True) for block in shown.split("\n\n") if block.strip()]
+    assert len(curls) == len(PATHS), "one curl per API"
+    for words, (api, path) in zip(curls, PATHS.items(), strict=True):
+        assert words[:3] == ["curl", "-s", words[2]]
+        assert words[2].endswith(path)
+        assert codec.loads(words[words.index("-d") + 1]) == example_body("demo", api)
 
 
 @pytest.mark.parametrize(
@@ -324,3 +330,17 @@ def test_access_log_holds_a_write_then_a_read_of_the_same_size(
     samples = scrape(metrics.group(1))
     assert value(samples, "extproc_outcomes_total", outcome="create_only") >= 1
     assert value(samples, "extproc_outcomes_total", outcome="read") >= 1
+
+
+async def test_an_api_the_upstream_does_not_serve_is_named() -> None:
+    runner = web.AppRunner(web.Application())  # no routes: every path is a 404
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{bound_port(runner)}"
+    try:
+        with pytest.raises(NotServed, match=r"does not serve /v1/messages \(HTTP 404\)"):
+            await asyncio.to_thread(
+                _post, url, example_body("demo", "messages"), "k", None, "messages"
+            )
+    finally:
+        await runner.cleanup()

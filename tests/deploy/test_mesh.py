@@ -14,6 +14,7 @@ import yaml
 
 from extproc.config import Settings
 from extproc.core.defaults import reply_budget_ms
+from extproc.core.dialects import ALL, for_request
 from extproc.devstack import free_port
 from extproc.envoyconf import EnvoyOptions, Layout, render
 from extproc.principals import DEFAULT_PRINCIPAL_HEADER
@@ -156,9 +157,13 @@ async def _wait_ready(admin: str, process: asyncio.subprocess.Process) -> None:
         pytest.param("GET", "/v1/models", False, id="models"),
         pytest.param("GET", "/v1/chat/completions", False, id="chat-get"),
         pytest.param("POST", "/v1/chat/completions/more", False, id="longer-path"),
+        pytest.param("POST", "/v1/messages", True, id="messages"),
+        pytest.param("POST", "/anthropic/v1/responses?stream=1", True, id="prefixed-responses"),
+        pytest.param("POST", "/v1/messages/count_tokens", False, id="count-tokens"),
+        pytest.param("POST", "/v1/responses/resp_1/cancel", False, id="responses-cancel"),
     ],
 )
-async def test_matcher_sends_only_chat_completions_to_ext_proc(
+async def test_matcher_sends_only_llm_apis_to_ext_proc(
     upstream_url: str,
     tmp_path: Path,
     method: str,
@@ -210,16 +215,18 @@ def test_gateway_removes_the_principal_header_before_every_filter(
     assert stripping_of(load_all(GATEWAY)).removed == {DEFAULT_PRINCIPAL_HEADER}
 
 
-def test_policy_attaches_to_the_chat_route(gateway: dict[str, dict[str, Any]]) -> None:
+def test_policy_attaches_to_the_llm_routes(gateway: dict[str, dict[str, Any]]) -> None:
     policy = gateway["EnvoyExtensionPolicy"]
     assert policy["apiVersion"] == "gateway.envoyproxy.io/v1alpha1"
     (target,) = policy["spec"]["targetRefs"]
     route = gateway["HTTPRoute"]
     assert (target["kind"], target["name"]) == ("HTTPRoute", route["metadata"]["name"])
     (rule,) = route["spec"]["rules"]
-    (match,) = rule["matches"]
-    assert match["method"] == "POST"
-    assert match["path"] == {"type": "Exact", "value": "/v1/chat/completions"}
+    assert {m["method"] for m in rule["matches"]} == {"POST"}
+    paths = [m["path"] for m in rule["matches"]]
+    assert {p["type"] for p in paths} == {"Exact"}
+    served = [for_request("POST", p["value"]) for p in paths]
+    assert sorted(d.name for d in served if d is not None) == sorted(d.name for d in ALL)
 
 
 def test_policy_processing_matches_the_server(

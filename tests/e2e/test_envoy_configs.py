@@ -116,7 +116,7 @@ def test_rendered_limits_follow_the_body_limit() -> None:
         if "request_body_buffer_limit" in r
     ]
     assert listener["per_connection_buffer_limit_bytes"] == 300_000
-    assert limits == [300_000, 300_000, 300_000]  # the chat routes, the breakpoint one too
+    assert limits == [300_000] * 5  # the chat routes (the breakpoint one too), messages, responses
     assert _ext_proc(config)["message_timeout"] == "2s"
     assert _ext_proc(config)["max_message_timeout"] == "30s"
 

@@ -1,4 +1,4 @@
-"""A programmable fake OpenAI-compatible upstream that records every request it receives.
+"""A programmable fake LLM upstream (chat completions, Messages, Responses) that records requests.
 
 Each request says how it wants to be answered in the ``x-fake-upstream`` header: a compact JSON
 ``Answer`` (JSON or SSE, usage or not, error frames, odd splits, CRLF, resets, pauses). Every
@@ -29,6 +29,7 @@ from typing import Any
 from aiohttp import web
 
 from extproc.core import codec
+from tests.fakes import engines
 from tests.fakes.connection import reset_connection
 
 HEADER = "x-fake-upstream"
@@ -67,6 +68,12 @@ class Answer:
     engine_cached: int | None = None
     # Cache fields other providers write into usage (DeepSeek's, Anthropic's names).
     provider_fields: bool = False
+    # Messages and Responses: which engine's usage shape ("" vLLM 0.23, "details" vLLM 0.33
+    # with prompt-token details, "sglang"), the engine's own cache writes, a tool call to make.
+    flavour: str = ""
+    engine_written: int = 0
+    tool_call: str | None = None
+    tool_input: dict[str, Any] = field(default_factory=dict)
 
     def encode(self) -> str:
         """The header value asking for this answer."""
@@ -330,7 +337,7 @@ class FakeUpstream:
         record = Record(answer.tag, request.method, request.path, headers, body)
         record.target = request.raw_path
         self.records.append(record)
-        if not request.path.endswith("/chat/completions") or answer.raw is not None:
+        if answer.raw is not None or not _is_llm_path(request.path):
             return await self._send_raw(request, record, answer)
         try:
             parsed = codec.loads(body)
@@ -345,6 +352,8 @@ class FakeUpstream:
         self, request: web.Request, record: Record, answer: Answer, parsed: dict[str, Any]
     ) -> web.StreamResponse:
         model = str(parsed.get("model", "unknown"))
+        if engines.is_messages(request.path) or engines.is_responses(request.path):
+            return await self._answer_engine(request, record, answer, parsed, model)
         if answer.status >= 300:
             error = {"error": {"message": "injected upstream error", "type": "server_error"}}
             return await self._send(request, record, answer, [codec.dumps(error)])
@@ -359,6 +368,25 @@ class FakeUpstream:
         return await self._send(
             request, record, answer, [codec.dumps(chat_completion(model, answer))]
         )
+
+    async def _answer_engine(
+        self,
+        request: web.Request,
+        record: Record,
+        answer: Answer,
+        parsed: dict[str, Any],
+        model: str,
+    ) -> web.StreamResponse:
+        messages = engines.is_messages(request.path)
+        if answer.status >= 300:
+            error = engines.messages_error(answer) if messages else {"error": {"message": "x"}}
+            return await self._send(request, record, answer, [codec.dumps(error)])
+        if parsed.get("stream") is True:
+            build = engines.message_events if messages else engines.response_events
+            chunks = split_stream(build(model, answer), answer.split)
+            return await self._send(request, record, answer, chunks, sse=True)
+        body = engines.message(model, answer) if messages else engines.response(model, answer)
+        return await self._send(request, record, answer, [codec.dumps(body)])
 
     async def _send_raw(
         self, request: web.Request, record: Record, answer: Answer
@@ -428,6 +456,14 @@ class FakeUpstream:
             pass
         finally:
             self._released.pop(tag, None)
+
+
+def _is_llm_path(path: str) -> bool:
+    return (
+        path.endswith("/chat/completions")
+        or engines.is_messages(path)
+        or engines.is_responses(path)
+    )
 
 
 async def _wait_for_close(request: web.Request) -> bool:

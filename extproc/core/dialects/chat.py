@@ -16,14 +16,27 @@ Rules:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-from extproc.core import codec
+from extproc.core import spans
+from extproc.core.dialects.api import Dialect
+from extproc.core.dialects.blocks import Layout, Site, Telemetry, Walk
+from extproc.core.markers import error_envelope
 from extproc.core.model import RequestPolicy
-from extproc.core.prefix import MARKER_KEY, object_body, string_body, value_body
 from extproc.core.spans import SHALLOW, Arr, Member, Node, Obj, Splice
+from extproc.core.sse import Kind
+from extproc.core.usage import (
+    DocumentEdit,
+    UsageRule,
+    edit_document,
+    edited_text,
+    is_error_document,
+)
 
+__all__ = ["DIALECT", "SHAPE", "Layout", "Site", "Telemetry", "force_include_usage", "layout"]
+
+NAME = "chat"
+SUFFIX = "/chat/completions"
 SHAPE = Obj(
     {
         "messages": Arr(Obj({"content": Arr(SHALLOW), "tool_calls": Arr(SHALLOW)})),
@@ -33,67 +46,8 @@ SHAPE = Obj(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Site:
-    """A block found in the body, with the marker it carries (``None`` for none)."""
-
-    role: str
-    kind: str
-    text: str
-    body: bytes
-    where: str
-    marker: object = None
-
-
-@dataclass(frozen=True, slots=True)
-class Telemetry:
-    """A telemetry block left out of the blocks: where it is and how long its text is."""
-
-    where: str
-    text_length: int
-
-
-@dataclass(frozen=True, slots=True)
-class Layout:
-    """What the body holds: its blocks in prefix order, telemetry, the top-level marker."""
-
-    sites: tuple[Site, ...]
-    telemetry: tuple[Telemetry, ...]
-    top_marker: object
-
-
-class _Walk:
-    """One pass over a chat body, collecting sites and the cuts that strip markers."""
-
-    def __init__(self, policy: RequestPolicy, splice: Splice) -> None:
-        self.policy = policy
-        self.splice = splice
-        self.sites: list[Site] = []
-        self.telemetry: list[Telemetry] = []
-
-    def cut_markers(self, node: Node) -> object:
-        """Cut every ``cache_control`` member of ``node``; the last one's value."""
-        members = node.members or ()
-        found = {i for i, m in enumerate(members) if m.key == MARKER_KEY}
-        if not found:
-            return None
-        self.splice.cut_members(members, found)
-        return members[max(found)].node.value
-
-    def tools(self, occurrences: tuple[Member, ...]) -> None:
-        for n, member in enumerate(occurrences):
-            for i, entry in enumerate(member.node.items or ()):
-                marker = self.cut_markers(entry)
-                if n == len(occurrences) - 1:
-                    self.entry_site("tool_definition", entry.value, f"tools[{i}]", marker)
-
-    def entry_site(self, role: str, value: Any, where: str, marker: object) -> None:
-        body = value_body(value)
-        kind = value.get("type") if isinstance(value, dict) else None
-        text = body.decode("utf-8")
-        self.sites.append(
-            Site(role, kind if isinstance(kind, str) else "", text, body, where, marker)
-        )
+class _Walk(Walk):
+    """The chat order: tools, then each message's content and an assistant's tool calls."""
 
     def messages(self, occurrences: tuple[Member, ...]) -> None:
         for n, member in enumerate(occurrences):
@@ -118,54 +72,15 @@ class _Walk:
                 if last:
                     self.entry_site("tool_call", call.value, f"{where}.tool_calls[{i}]", marker)
 
-    def content(self, content: Node, role: str, where: str, effective: bool) -> None:
-        if isinstance(content.value, str):
-            if effective:
-                body = string_body(content.value)
-                self.sites.append(Site(role, "text", content.value, body, where))
-            return
-        cut: set[int] = set()
-        for i, element in enumerate(content.items or ()):
-            marker = self.cut_markers(element)
-            if not effective:
-                continue
-            if self.is_telemetry(role, element.value, marker):
-                self.telemetry.append(Telemetry(f"{where}[{i}]", len(element.value["text"])))
-                cut.add(i)
-            else:
-                self.sites.append(_content_site(role, element.value, f"{where}[{i}]", marker))
-        if cut and self.policy.strip_telemetry:
-            self.splice.cut_members(content.items or (), cut)
-
-    def is_telemetry(self, role: str, value: Any, marker: object) -> bool:
-        if role != "system" or marker is not None or not isinstance(value, dict):
-            return False
-        text = value.get("text")
-        return isinstance(text, str) and text.lstrip().startswith(self.policy.telemetry_prefixes)
-
-
-def _content_site(role: str, value: Any, where: str, marker: object) -> Site:
-    if not isinstance(value, dict):
-        return Site(role, "", "", codec.canonical(value), where)
-    kind, text = value.get("type"), value.get("text")
-    return Site(
-        role,
-        kind if isinstance(kind, str) else "",
-        text if isinstance(text, str) else "",
-        object_body(value),
-        where,
-        marker,
-    )
-
 
 def layout(root: Node, policy: RequestPolicy, splice: Splice) -> Layout:
     """The blocks of a chat body (an object node read with ``SHAPE``); strips into ``splice``."""
     walk = _Walk(policy, splice)
-    walk.tools(root.named("tools"))
+    walk.entries(root.named("tools"), "tool_definition", "tools")
     walk.messages(root.named("messages"))
     top = walk.cut_markers(root)
     force_include_usage(root, splice)
-    return Layout(tuple(walk.sites), tuple(walk.telemetry), top)
+    return walk.layout(top)
 
 
 def force_include_usage(root: Node, splice: Splice) -> None:
@@ -192,3 +107,67 @@ def _include_usage(options: Node, splice: Splice) -> None:
     if not flags:
         comma = "," if options.members else ""
         splice.insert(options.end - 1, comma + '"include_usage":true')
+
+
+_TOP_SHAPE = Obj({"stream_options": SHALLOW})
+
+
+def plain_body(raw: bytes, stream: bool) -> bytes:
+    """A body without blocks of ours: only a stream's ``include_usage`` may change."""
+    if not stream:
+        return raw
+    text = spans.decode(raw)
+    root = spans.read(text, _TOP_SHAPE)
+    splice = Splice()
+    force_include_usage(root, splice)
+    return spans.encode(splice.apply(text)) if splice else raw
+
+
+# ---- the answer: usage in the body's and every chunk's top-level ``usage`` ----
+
+
+def is_final(doc: dict[str, Any]) -> bool:
+    """A usage frame after the tokens: no choices left, or one that finished."""
+    choices = doc.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return True
+    return any(isinstance(c, dict) and c.get("finish_reason") is not None for c in choices)
+
+
+class ChatAnswer:
+    """A chat completion: a JSON body or ``chat.completion.chunk`` frames (stateless)."""
+
+    triggers: tuple[bytes, ...] = ()
+    completing: frozenset[Kind] = frozenset()
+
+    def kind(self, doc: dict[str, Any]) -> Kind:
+        if is_error_document(doc):
+            return Kind.ERROR
+        if not isinstance(doc.get("usage"), dict):
+            return Kind.PLAIN
+        return Kind.FINAL if is_final(doc) else Kind.USAGE
+
+    def edit(self, text: str, rule: UsageRule) -> str | None:
+        return edited_text(edit_document(text, rule))
+
+    def edit_body(self, text: str, rule: UsageRule) -> DocumentEdit | None:
+        return edit_document(text, rule)
+
+
+ANSWER = ChatAnswer()
+
+
+def _answer() -> ChatAnswer:
+    return ANSWER
+
+
+DIALECT = Dialect(
+    name=NAME,
+    suffix=SUFFIX,
+    shape=SHAPE,
+    layout=layout,
+    plain_body=plain_body,
+    error_envelope=error_envelope,
+    answer=_answer,
+    breakpoint_param=True,
+)
