@@ -158,3 +158,48 @@ def test_a_stream_whose_usage_went_out_is_not_committed_until_its_end() -> None:
 
     assert (fields["outcome"], fields["commit"]) == ("create_only", "no_end_of_stream")
     assert (fields["creation_1h"], fields["prompt_tokens"]) == (100, 1000)
+
+
+ROUTE_CASES = [
+    pytest.param("chat", {"prompt_tokens": 50}, 50, 50, id="chat"),
+    pytest.param(
+        "messages",
+        {"input_tokens": 10, "cache_read_input_tokens": 30, "cache_creation_input_tokens": 20},
+        60,
+        60,
+        id="messages-sums-its-three-input-counts",
+    ),
+    pytest.param("messages", {"input_tokens": 40}, 40, 40, id="messages-input-only"),
+    pytest.param("messages", {"input_tokens": None}, None, 120, id="messages-no-count-no-cap"),
+    pytest.param("responses", {"input_tokens": 70, "prompt_tokens": 5}, 70, 70, id="responses"),
+]
+
+
+@pytest.mark.parametrize(("dialect", "usage", "prompt", "read"), ROUTE_CASES)
+def test_each_route_counts_the_prompt_as_its_api_does(
+    dialect: str, usage: dict[str, Any], prompt: int | None, read: int
+) -> None:
+    found = record.of_settled(_settled(READ, usage), record.route_of(dialect)).fields()
+    assert (found["prompt_tokens"], found["read"]) == (prompt, read)
+    assert found["route"] == {"chat": "chat_completions"}.get(dialect, dialect)
+
+
+@pytest.mark.parametrize(
+    ("dialect", "usage"),
+    [
+        pytest.param(
+            "messages", {"input_tokens": 90, "cache_read_input_tokens": 40}, id="messages"
+        ),
+        pytest.param(
+            "responses",
+            {"input_tokens": 90, "input_tokens_details": {"cached_tokens": 40}},
+            id="responses",
+        ),
+    ],
+)
+def test_an_engine_read_is_taken_where_each_api_reports_it(
+    dialect: str, usage: dict[str, Any]
+) -> None:
+    engine = Classification.engine_read("demo")
+    found = record.of_settled(_settled(engine, usage), record.route_of(dialect)).fields()
+    assert (found["read"], found["read_source"]) == (40, "engine")

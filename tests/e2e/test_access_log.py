@@ -16,11 +16,14 @@ from extproc.core import codec
 from tests.deploy.monitoring import names_used
 from tests.e2e.chat import (
     CHAT,
+    SYSTEM,
     Answer,
     cached_request,
     headers,
+    marker,
     stream_usage,
     tag,
+    text,
     wait_for_read,
 )
 from tests.plugins.metrics import scrape, value
@@ -217,3 +220,52 @@ def test_the_dashboard_and_the_rules_query_only_exported_metrics(stack: Stack) -
 
     assert rejected.status_code == 400
     assert names_used() - exported == set()
+
+
+ROUTE_BODIES: dict[str, dict[str, Any]] = {
+    "/v1/messages": {
+        "model": "demo",
+        "max_tokens": 32,
+        "system": [text(SYSTEM + " Messages record.", marker())],
+        "messages": [{"role": "user", "content": "hi"}],
+    },
+    "/v1/responses": {
+        "model": "demo",
+        "input": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_text", "text": SYSTEM + " Responses record."},
+                    {"type": "input_text", "text": "hi", "cache_control": marker()},
+                ],
+            }
+        ],
+    },
+}
+
+
+@pytest.mark.parametrize("path", list(ROUTE_BODIES))
+def test_each_route_records_a_write_then_a_read(stack: Stack, path: str) -> None:
+    key = stack.new_key()
+    records = []
+    for _ in range(50):  # the first answer's commit lands after it: repeat until a read
+        agent = f"e2e-record-{tag()}"
+        sent = {**headers(key, Answer(tag=tag())), "user-agent": agent}
+        with stack.client() as client:
+            response = client.post(path, content=codec.dumps(ROUTE_BODIES[path]), headers=sent)
+        assert response.status_code == 200, response.text
+        records.append(_record(stack, agent))
+        if records[-1]["outcome"] == "read":
+            break
+    write, read = records[0], records[-1]
+    route = path.rpartition("/")[2]
+    assert (write["route"], write["outcome"], write["commit"]) == (
+        route,
+        "create_only",
+        "scheduled",
+    )
+    assert read["outcome"] == "read"
+    assert read["route"] == route
+    assert read["read"] == write["creation_5m"] + write["creation_1h"] + write["creation_24h"] > 0
+    assert read["prompt_tokens"] is not None
+    assert read["prompt_tokens"] >= read["read"]
