@@ -119,7 +119,7 @@ class Session:
         self.classification: Classification | None = None
         self._dialect: Dialect | None = None
         self._answer: Answer | None = None
-        self._prepared: Prepared | None = None
+        self._stream: bool | None = None  # the request's stream flag, once read
         self._caller = Caller(None)
         self._accounted = False
         self._settled = False
@@ -233,7 +233,7 @@ class Session:
         if prepared is None:
             self._classified(_NOT_JSON)
             return CONTINUE
-        self._prepared = prepared
+        self._stream = prepared.stream  # the body and its blocks go with the classification
         self._effects.append(RequestRead(prepared.had_markers))
         if self._caller.bearer:
             self._accounted = True
@@ -307,7 +307,7 @@ class Session:
         self._status = event.status
         if self._dialect is None or not route.is_success(self._status) or not self._worth_watching:
             return self._unwatched(self._status)
-        if looks_like_sse(event.chunk) and (self._prepared is None or self._prepared.stream):
+        if looks_like_sse(event.chunk) and self._stream is not False:
             self._sse = SseAnswer(self._reader)
             self.state = State.SSE_BODY
             return self._on_sse_body(event)
