@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from extproc.core import answers, usage
+from extproc.core.dialects import chat as chat_api
 from extproc.core.errors import ClientError
 from extproc.core.model import DEFAULT_TELEMETRY_PREFIXES, RequestPolicy, Split, Tier, TierPolicy
 from extproc.core.request import Prepared, prepare
@@ -211,7 +212,7 @@ def _run_stream(raw: bytes, options: StreamOptions) -> tuple[bytes, int]:
     """The stream's output, and the output offset from which the classification was known."""
     size = options.chunk or max(1, len(raw))
     chunks = [raw[i : i + size] for i in range(0, len(raw), size)] or [b""]
-    answer = answers.SseAnswer()
+    answer = answers.SseAnswer(chat_api.DIALECT.answer())
     unknown = usage.UsageRule(None, scrub=options.rule.scrub)
     out = bytearray()
     known_at: int | None = None
