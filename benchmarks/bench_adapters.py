@@ -30,7 +30,6 @@ from pathlib import Path
 
 from bench_proxy import prose
 
-from extproc import devstack
 from extproc.adapters.index_memo import IndexMemo, MemoPolicy
 from extproc.adapters.pg_index import PgPrefixIndex
 from extproc.adapters.pg_migrate import migrate
@@ -39,6 +38,7 @@ from extproc.adapters.telemetry import METER_NAME, Metrics, meter_provider
 from extproc.adapters.tokenizer_files import cached_tokenizer_json
 from extproc.adapters.tokenizers import count_tokens, load_tokenizer_file
 from extproc.core.model import CacheEntry, PendingWrite, PrefixHash, PrincipalId, Scope, Tier
+from extproc.devtools import devstack
 
 SCOPE = Scope(PrincipalId("tenant"), "bench", "v1")
 

@@ -55,9 +55,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from extproc import devstack  # noqa: E402
 from extproc.core import codec  # noqa: E402
-from extproc.envoyconf import EXTPROC_FILTER, EnvoyOptions, Layout, render  # noqa: E402
+from extproc.devtools import devstack  # noqa: E402
+from extproc.devtools.envoyconf import EXTPROC_FILTER, EnvoyOptions, Layout, render  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MODEL = "bench"

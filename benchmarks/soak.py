@@ -40,7 +40,7 @@ import httpx  # noqa: E402
 import psutil  # type: ignore[import-untyped]  # noqa: E402
 import psycopg  # noqa: E402
 
-from extproc.devstack import free_port, pg_system_user  # noqa: E402
+from extproc.devtools.devstack import free_port, pg_system_user  # noqa: E402
 from tests.e2e.chat import CHAT, headers  # noqa: E402
 from tests.fakes.upstream import Answer  # noqa: E402
 from tests.faults.model import PROMPT_TOKENS, Fault, Planned  # noqa: E402

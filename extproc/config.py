@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from extproc.adapters.tokenizers import parse_tokenizer_map
 from extproc.core import defaults
 from extproc.core.classify import EngineCache
 from extproc.core.defaults import reply_budget_ms, reply_margin_ms
@@ -25,6 +24,7 @@ from extproc.core.model import DEFAULT_TELEMETRY_PREFIXES, RequestPolicy, Tier, 
 from extproc.cpus import usable_cpus
 from extproc.principals import API_KEYS, PrincipalSource, parse_principal_source
 from extproc.principals import PrincipalKind as PrincipalKind  # re-exported for callers
+from extproc.tokenizer_map import parse_tokenizer_map
 
 PREFIX = "EXTPROC_"
 MIB = 1 << 20

@@ -20,10 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from extproc.core.defaults import ENVOY_FILTER_NAME as EXTPROC_FILTER
 from extproc.core.errors import ExtprocError
-from extproc.envoyconf import EXTPROC_FILTER
 from extproc.principals import PrincipalKind, PrincipalSource
 
 HEADER_MUTATION = "envoy.filters.http.header_mutation"
@@ -43,8 +41,20 @@ class Stripping:
     late: frozenset[str]
 
 
+def _yaml() -> Any:
+    """PyYAML, which only reading a config file needs (it comes with the dev extra)."""
+    try:
+        import yaml
+    except ImportError:
+        raise StrippingError(
+            "reading an Envoy configuration needs PyYAML: pip install 'extproc[dev]'"
+        ) from None
+    return yaml
+
+
 def read_stripping(path: Path) -> Stripping:
     """The stripping of the configuration in ``path``; ``StrippingError`` when unreadable."""
+    yaml = _yaml()
     try:
         documents = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d]
     except OSError as exc:
@@ -99,7 +109,7 @@ def principal_header_problems(
             f"; its routes remove {name} with request_headers_to_remove, which Envoy applies at "
             "the router, after ext_proc"
         )
-    render = f"python -m extproc.envoyconf render --principal-header {name}"
+    render = f"python -m extproc.devtools.envoyconf render --principal-header {name}"
     return [f"{problem}; remove {name} before every HTTP filter (`{render}` renders a bootstrap)"]
 
 
@@ -108,7 +118,7 @@ def _bootstraps(document: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield document
     elif document.get("kind") == "ConfigMap":
         for text in (document.get("data") or {}).values():
-            parsed = yaml.safe_load(text) if isinstance(text, str) else None
+            parsed = _yaml().safe_load(text) if isinstance(text, str) else None
             if isinstance(parsed, dict) and "static_resources" in parsed:
                 yield parsed
 

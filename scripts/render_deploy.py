@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from extproc.envoyconf import EnvoyOptions, fail_open_text, render, template_text
+from extproc.devtools.envoyconf import EnvoyOptions, fail_open_text, render, template_text
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "deploy" / "compose" / "envoy.yaml"

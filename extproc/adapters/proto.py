@@ -30,6 +30,7 @@ from google.protobuf import duration_pb2
 from extproc._envoy_api.envoy.config.core.v3 import base_pb2
 from extproc._envoy_api.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from extproc._envoy_api.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from extproc.core import defaults
 from extproc.core import phases as s
 from extproc.core.route import header_attribute
 
@@ -115,7 +116,7 @@ def _response_body(request: pb.ProcessingRequest) -> s.Event:
 
 
 # Envoy delivers the configured request/response attributes under the filter's name.
-FILTER_NAME = "envoy.filters.http.ext_proc"
+FILTER_NAME = defaults.ENVOY_FILTER_NAME
 RESPONSE_CODE = "response.code"
 
 

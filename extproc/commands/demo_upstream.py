@@ -8,7 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
-from extproc.upstream import UpstreamSettings, bound_port, start_upstream
+from extproc.devtools.upstream import UpstreamSettings, bound_port, start_upstream
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from extproc.commands.health import probe
-from extproc.devstack import (
+from extproc.devtools.devstack import (
     ChildSpec,
     DevStackError,
     Supervisor,
@@ -38,7 +38,7 @@ from extproc.devstack import (
     start_postgres,
     wait_until,
 )
-from extproc.quickstart import check, curl_commands
+from extproc.devtools.quickstart import check, curl_commands
 
 DEFAULT_WORKDIR = Path(".extproc-dev")
 ACCESS_LOG = "access.log"  # under the logs directory
@@ -253,7 +253,7 @@ def start_extproc(supervisor: Supervisor, database: str, tokenizers: str) -> tup
 def start_envoy(
     supervisor: Supervisor, workdir: Path, host: str, port: int, upstream: str, extproc: str
 ) -> str:
-    from extproc.envoyconf import EnvoyConfError, EnvoyOptions, render
+    from extproc.devtools.envoyconf import EnvoyConfError, EnvoyOptions, render
 
     admin = free_port()
     options = EnvoyOptions(

@@ -9,6 +9,9 @@ from __future__ import annotations
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 """The gRPC service (and health service name) of ext_proc."""
 
+ENVOY_FILTER_NAME = "envoy.filters.http.ext_proc"
+"""The ext_proc filter's name in Envoy configs (and the namespace of its attributes)."""
+
 MAX_BODY_BYTES = 8 << 20
 CLASSIFY_DEADLINE_MS = 5000
 COMMIT_DEADLINE_MS = 2000

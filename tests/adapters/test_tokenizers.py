@@ -18,10 +18,10 @@ from extproc.adapters.tokenizers import (
     TokenizerFileError,
     build_tokenizer,
     load_tokenizer_file,
-    parse_tokenizer_map,
 )
 from extproc.core.errors import DependencyError, UnmappedModel
 from extproc.core.model import TokenCounts
+from extproc.tokenizer_map import parse_tokenizer_map
 
 TEXTS = [
     pytest.param("hello world", id="ascii"),

@@ -10,7 +10,7 @@ import pytest
 
 from extproc.cli import main
 from extproc.core import codec
-from extproc.envoyconf import EnvoyOptions, render
+from extproc.devtools.envoyconf import EnvoyOptions, render
 
 ROOT = Path(__file__).resolve().parents[2]
 BOOTSTRAP = ROOT / "envoy" / "envoy.yaml"

@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from extproc.envoyconf import EARLY_HEADER_MUTATION
-from extproc.envoyconf import EXTPROC_FILTER as EXT_PROC
+from extproc.devtools.envoyconf import EARLY_HEADER_MUTATION
+from extproc.devtools.envoyconf import EXTPROC_FILTER as EXT_PROC
 
 ROOT = Path(__file__).resolve().parents[2]
 ENVOY_IMAGE = "envoyproxy/envoy:v1.40.0"

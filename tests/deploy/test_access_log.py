@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from extproc.core.record import NAMESPACE
-from extproc.envoyconf import FILE_LOG, EnvoyOptions, render, template_text
+from extproc.devtools.envoyconf import FILE_LOG, EnvoyOptions, render, template_text
 from tests.deploy.manifests import (
     ROOT,
     envoy_validate,

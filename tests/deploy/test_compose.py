@@ -11,7 +11,7 @@ import yaml
 from compose_spec import PyOptions
 
 from extproc.config import KNOWN_KEYS, PREFIX
-from extproc.envoyconf import EnvoyOptions, render
+from extproc.devtools.envoyconf import EnvoyOptions, render
 from tests.deploy.manifests import ENVOY_IMAGE, ROOT, endpoint, envoy_validate, named
 
 COMPOSE = ROOT / "docker-compose.yml"

@@ -11,8 +11,8 @@ import openai
 import pytest
 
 from extproc.core import codec
-from extproc.demo_apis import TOKENS_FOR_REPLY, TOKENS_PER_MESSAGE
-from extproc.upstream import UpstreamSettings, bound_port, estimate_tokens, start_upstream
+from extproc.devtools.demo_apis import TOKENS_FOR_REPLY, TOKENS_PER_MESSAGE
+from extproc.devtools.upstream import UpstreamSettings, bound_port, estimate_tokens, start_upstream
 
 SYSTEM = [{"type": "text", "text": "abcdefgh"}]  # 8 bytes: 2 tokens
 TOOL: dict[str, Any] = {"name": "t", "input_schema": {"type": "object"}}

@@ -29,8 +29,8 @@ from extproc.commands.dev import (
     redact_password,
 )
 from extproc.core import codec
-from extproc.devstack import free_port, is_reachable_by, pg_data_dir
-from extproc.quickstart import (
+from extproc.devtools.devstack import free_port, is_reachable_by, pg_data_dir
+from extproc.devtools.quickstart import (
     PATHS,
     NotServed,
     _post,
@@ -40,7 +40,7 @@ from extproc.quickstart import (
     stream_usage,
     usage_problems,
 )
-from extproc.upstream import UpstreamSettings, bound_port, load_counter, start_upstream
+from extproc.devtools.upstream import UpstreamSettings, bound_port, load_counter, start_upstream
 from tests.plugins.metrics import scrape, value
 
 STACK_TIMEOUT_S = 240

@@ -8,7 +8,7 @@ import secrets
 
 import pytest
 
-from extproc import devstack
+from extproc.devtools import devstack
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="only root changes users")
 

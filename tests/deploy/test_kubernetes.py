@@ -9,7 +9,7 @@ import pytest
 from kubernetes_validate import utils as k8s
 
 from extproc.config import KNOWN_KEYS, PREFIX, Settings
-from extproc.envoyconf import EnvoyOptions, render
+from extproc.devtools.envoyconf import EnvoyOptions, render
 from tests.deploy.manifests import ENVOY_IMAGE, ROOT, endpoint, envoy_validate, load_all, named
 
 K8S = ROOT / "deploy" / "kubernetes"

@@ -15,11 +15,11 @@ import yaml
 from extproc.config import Settings
 from extproc.core.defaults import reply_budget_ms
 from extproc.core.dialects import ALL, for_request
-from extproc.devstack import free_port
-from extproc.envoyconf import EnvoyOptions, Layout, render
+from extproc.devtools.devstack import free_port
+from extproc.devtools.envoyconf import EnvoyOptions, Layout, render
+from extproc.devtools.upstream import UpstreamSettings, bound_port, start_upstream
 from extproc.principals import DEFAULT_PRINCIPAL_HEADER
 from extproc.stripping import stripping_of
-from extproc.upstream import UpstreamSettings, bound_port, start_upstream
 from tests.deploy.manifests import (
     EXT_PROC,
     GATEWAY,

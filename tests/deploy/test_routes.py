@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from extproc.core.dialects import for_request
-from extproc.envoyconf import EXTPROC_FILTER, template_text
+from extproc.devtools.envoyconf import EXTPROC_FILTER, template_text
 from tests.deploy.manifests import istio_patches
 
 REQUESTS = [

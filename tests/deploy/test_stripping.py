@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from extproc.envoyconf import EnvoyOptions, render
+from extproc.devtools.envoyconf import EnvoyOptions, render
 from extproc.principals import DEFAULT_PRINCIPAL_HEADER, parse_principal_source
 from extproc.stripping import (
     Stripping,

@@ -12,7 +12,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from extproc.core import codec
-from extproc.upstream import (
+from extproc.devtools.upstream import (
     TOKENS_FOR_REPLY,
     TOKENS_PER_MESSAGE,
     UpstreamSettings,

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from extproc.config import Settings
-from extproc.envoyconf import (
+from extproc.devtools.envoyconf import (
     EnvoyConfError,
     EnvoyOptions,
     Layout,
@@ -177,7 +177,7 @@ def test_render_strips_the_principal_header_it_is_given(
 
 
 def _render_command(*args: str) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "extproc.envoyconf", "render", *args]
+    argv = [sys.executable, "-m", "extproc.devtools.envoyconf", "render", *args]
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
 
 

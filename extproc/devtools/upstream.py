@@ -23,8 +23,8 @@ from typing import Any
 
 from aiohttp import web
 
-from extproc import demo_apis
 from extproc.core import codec
+from extproc.devtools import demo_apis
 
 TokenCounter = Callable[[str], int]
 

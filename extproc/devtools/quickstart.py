@@ -22,7 +22,7 @@ import httpx
 
 from extproc.adapters.pg_resolvers import key_hash
 from extproc.core import codec
-from extproc.devstack import DevStackError
+from extproc.devtools.devstack import DevStackError
 from extproc.principals import DEFAULT_PRINCIPAL_HEADER
 
 # The sidecar commits a cache write just after the answer; a read may need a moment longer.

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from extproc.core import codec
 
 if TYPE_CHECKING:
-    from extproc.upstream import Completion
+    from extproc.devtools.upstream import Completion
 
 TokenCounter = Callable[[str], int]
 TOKENS_PER_MESSAGE = 4

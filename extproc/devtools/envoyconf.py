@@ -35,14 +35,15 @@ MESSAGE_TIMEOUT_HEADROOM_MS = 1000
 FAIL_CLOSED_LINE = "failure_mode_allow: false"
 FAIL_OPEN_LINE = "failure_mode_allow: true"
 FAIL_OPEN_BANNER = (
-    "# GENERATED from envoy.yaml by `python -m extproc.envoyconf fail-open`: do not edit.\n"
+    "# GENERATED from envoy.yaml by `python -m extproc.devtools.envoyconf fail-open`: do not\n"
+    "# edit.\n"
     "# The fail-open variant: identical to envoy.yaml except failure_mode_allow: true\n"
     "# (see the trade-off at that line).\n"
 )
 LISTENER = "llm_ingress"
 UPSTREAM_CLUSTER = "llm"
 EXTPROC_CLUSTER = "ext_proc"
-EXTPROC_FILTER = "envoy.filters.http.ext_proc"
+EXTPROC_FILTER = defaults.ENVOY_FILTER_NAME
 EARLY_HEADER_MUTATION = "envoy.http.early_header_mutation.header_mutation"
 STDOUT_LOG = "envoy.access_loggers.stdout"
 FILE_LOG = "envoy.access_loggers.file"
@@ -306,7 +307,7 @@ class _NoAliasDumper(yaml.SafeDumper):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m extproc.envoyconf",
+        prog="python -m extproc.devtools.envoyconf",
         description="Print the Envoy bootstrap: rendered with options, or its fail-open twin.",
     )
     sub = parser.add_subparsers(dest="action", required=True)
@@ -369,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         sys.stdout.write(render(options))
     except EnvoyConfError as exc:
-        print(f"extproc.envoyconf: {exc}", file=sys.stderr)
+        print(f"extproc.devtools.envoyconf: {exc}", file=sys.stderr)
         return 2
     return 0
 
