@@ -25,6 +25,10 @@ STACK = StackSettings(
 pytestmark = pytest.mark.e2e
 
 
+# The campaign resets connections mid-write on purpose: a socket of the test process's own
+# fakes or clients that such a reset orphans may reach the garbage collector unclosed. The
+# campaign checks the server's descriptors, tasks and connections itself (its invariants).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_fault_campaign(stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
     stack.require_local()
     seed = int(os.environ.get("EXTPROC_CAMPAIGN_SEED") or secrets.randbelow(2**31))
