@@ -40,7 +40,12 @@ FROM build AS demo-tokenizer
 RUN /opt/extproc/bin/pip install "mistral-common>=1.5" \
  && /opt/extproc/bin/extproc tokenizer export --from tekken /out/demo-tokenizer.json
 
+# The demo image also runs the demo upstream (`extproc demo-upstream`): the demo extra.
+FROM build AS demo-venv
+RUN /opt/extproc/bin/pip install ".[demo]"
+
 FROM runtime AS demo
+COPY --from=demo-venv /opt/extproc /opt/extproc
 COPY --from=demo-tokenizer /out/demo-tokenizer.json /opt/extproc-demo/tokenizer.json
 
 # The default target: the plain runtime image.

@@ -1,5 +1,8 @@
 """Client-side CPU per call of the HTTP clients extproc could use for the tokenizer service.
 
+``http1`` is extproc's own (``extproc.adapters.http1``), the one the server uses; the others
+are the clients at hand in the dev and test dependencies.
+
 Each client posts a ~16 KB JSON body (what one tokenize call of a 16 KB prompt carries) to
 ``fast_upstream.py`` (a raw asyncio server in its own process, so its CPU is not counted) over
 keep-alive connections, at 1 and at ``--concurrency`` calls in flight. The figure is this
@@ -74,10 +77,26 @@ async def aiohttp_client(url: str, body: bytes) -> AsyncIterator[Call]:
         yield call
 
 
+@contextlib.asynccontextmanager
+async def http1_client(url: str, body: bytes) -> AsyncIterator[Call]:
+    from extproc.adapters.http1 import Http1Client
+
+    client = Http1Client(url, connect=5.0, total=5.0, headers={"content-type": "application/json"})
+
+    async def call() -> bytes:
+        return (await client.request("POST", "/v1/tokenize", body)).body
+
+    try:
+        yield call
+    finally:
+        await client.aclose()
+
+
 CLIENTS: dict[str, Callable[[str, bytes], contextlib.AbstractAsyncContextManager[Call]]] = {
     "httpx": httpx_client,
     "httpcore": httpcore_client,
     "aiohttp": aiohttp_client,
+    "http1": http1_client,
 }
 
 

@@ -11,8 +11,8 @@ from extproc.core.errors import ExtprocError
 
 # Each module defines ``register(subparsers)`` adding its sub-commands; a sub-command sets
 # ``func(args) -> int`` as its default. A run imports only the module of its command, so
-# ``extproc serve`` never loads the local-stack tools (nor aiohttp's demo server, httpx or
-# PyYAML); ``--help`` imports them all. ``DEV_COMMANDS`` need the dev extra.
+# ``extproc serve`` never loads the local-stack tools (nor aiohttp, httpx or PyYAML);
+# ``--help`` imports them all. ``DEV_COMMANDS`` need the dev extra.
 COMMANDS = {
     "explain": "extproc.commands.explain",
     "health": "extproc.commands.health",

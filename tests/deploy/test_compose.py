@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,18 @@ def test_dockerfile_installs_no_extras() -> None:
     installs = [line for line in build if "pip install" in line]
     assert installs
     assert all("[" not in line for line in installs)
+
+
+def test_the_demo_image_can_run_the_demo_upstream(services: dict[str, dict[str, Any]]) -> None:
+    assert services["upstream"]["command"][0] == "demo-upstream"
+    venv = _stage("demo-venv")
+    assert venv[0] == "FROM build AS demo-venv"
+    assert any(re.search(r'pip install "\.\[demo\]"', line) for line in venv)
+    demo = _stage("demo")
+    assert demo[0] == "FROM runtime AS demo"
+    assert "COPY --from=demo-venv /opt/extproc /opt/extproc" in demo
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert any(d.startswith("aiohttp") for d in project["optional-dependencies"]["demo"])
 
 
 def test_dockerignore_keeps_the_context_small() -> None:
