@@ -6,6 +6,9 @@ Paths, all against the same fast upstream (``fast_upstream.py``, its own process
 2. ``envoy``      Envoy alone: the shipped bootstrap rendered without the ext_proc filter;
 3. ``noop``       Envoy + ``noop_extproc.py``, a grpc.aio server that only answers CONTINUE
                   to every phase (4 messages for a JSON answer);
+   ``floor``      the same do-nothing server in extproc's layout (``--layout``; 3 messages for
+                  a JSON answer whose body is watched): what the messages extproc exchanges
+                  cost with no work at all, the transport's floor under every extproc path;
 4. ``write``      Envoy + ``extproc serve`` (embedded PostgreSQL, a real embedded tokenizer),
                   marked requests whose cached prefix is new every time (cache writes);
    ``read``       the same with one repeated marked prefix (cache reads);
@@ -31,6 +34,7 @@ import argparse
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import http.client
 import os
 import random
@@ -68,7 +72,7 @@ NONCE_MARKER = "NONCE-NONCE-NONCE-NONCE-"
 PATH = "/v1/chat/completions"
 READY_TIMEOUT_S = 90.0
 PROFILE_WAIT_S = 60.0
-PATHS = ("upstream", "envoy", "noop", "write", "read", "inactive", "slow")
+PATHS = ("upstream", "envoy", "noop", "floor", "write", "read", "inactive", "slow")
 WORDS = (
     "cache",
     "prefix",
@@ -578,16 +582,18 @@ def run_baselines(bench: Bench, wanted: set[str]) -> None:
         pids = {"envoy": envoy.pid, **upstream}
         bench.load("envoy", Target(port, pids, envoy_admin=admin), body, BEARER)
         bench.children.stop(envoy)
-    if "noop" in wanted:
+    for name, layout in (("noop", Layout.HEADERS_FIRST), ("floor", Layout(bench.args.layout))):
+        if name not in wanted:
+            continue
         grpc_port = devstack.free_port()
         mode = bench.args.noop_response_mode or ("streamed" if bench.stream else "buffered")
         argv = python_argv("noop_extproc.py", "--port", str(grpc_port), "--response-mode", mode)
-        sidecar = bench.children.start("noop", argv, child_env())
-        wait_for(lambda: accepts(grpc_port), sidecar, "the no-op ext_proc server")
+        sidecar = bench.children.start(name, argv, child_env())
+        wait_for(functools.partial(accepts, grpc_port), sidecar, "the no-op ext_proc server")
         noop = f"127.0.0.1:{grpc_port}"
-        port, admin, envoy = bench.start_envoy("noop", noop, Layout.HEADERS_FIRST)
+        port, admin, envoy = bench.start_envoy(name, noop, layout)
         pids = {"envoy": envoy.pid, "sidecar": sidecar.pid, **upstream}
-        bench.load("noop", Target(port, pids, envoy_admin=admin), body, BEARER)
+        bench.load(name, Target(port, pids, envoy_admin=admin), body, BEARER)
         bench.children.stop(envoy)
         bench.children.stop(sidecar)
 
@@ -758,6 +764,7 @@ LABELS = {
     "upstream": "1. upstream directly",
     "envoy": "2. Envoy alone",
     "noop": "3. Envoy + do-nothing grpc.aio ext_proc",
+    "floor": "3b. the same, in extproc's layout (the floor)",
     "write": "4a. Envoy + extproc, cache writes",
     "read": "4b. Envoy + extproc, cache reads",
     "inactive": "5. Envoy + extproc, disabled model, unmarked",
@@ -862,6 +869,12 @@ def targets(bench: Bench) -> str:
     if read is not None and noop is not None:
         lines.append(_target(f"read added p50 {read:+.3f} ms", read <= noop, f"<= {noop:+.3f}"))
     lines += _ttfb_target(bench)
+    floor = _sidecar_ratio(bench, "floor")
+    if floor is not None:
+        lines.append(
+            f"- for scale: the do-nothing server in extproc's layout costs {floor:.2f}x "
+            "(the messages alone, no work)"
+        )
     return "\n".join(lines)
 
 
