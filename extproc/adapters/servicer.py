@@ -304,14 +304,14 @@ class Pump:
 
     def _record_of(self, effects: list[Effect]) -> record.Record | None:
         """The accounting record when these effects complete the response."""
-        route = record.route_of(self.session.dialect_name)
+        dialect = self.session.dialect or record.DEFAULT_DIALECT
         for effect in effects:
             if isinstance(effect, Settled):
-                return self._shown(record.of_settled(effect, route))
+                return self._shown(record.of_settled(effect, dialect))
             if isinstance(effect, Unwatched):
-                return self._shown(record.of_unwatched(effect, _NOT_JOINED, route))
+                return self._shown(record.of_unwatched(effect, _NOT_JOINED, dialect))
             if isinstance(effect, UsageSent):
-                return self._shown(record.of_usage_sent(effect, route))
+                return self._shown(record.of_usage_sent(effect, dialect))
         return None
 
     def _shown(self, found: record.Record) -> record.Record:

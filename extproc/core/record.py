@@ -22,22 +22,17 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, TypeGuard
+from typing import Any
 
-from extproc.core.dialects import chat, messages, responses
+from extproc.core.dialects import chat
+from extproc.core.dialects.api import Dialect
 from extproc.core.model import Classification, Split, Tier
 from extproc.core.phases import Settled, Unwatched, UsageSent
-from extproc.core.usage import capped, engine_split
+from extproc.core.usage import capped
 from extproc.core.verdict import VetoReason
 
 NAMESPACE = "extproc.prompt_cache"
-CHAT_ROUTE = "chat_completions"
-_ROUTES = {chat.NAME: CHAT_ROUTE, messages.NAME: "messages", responses.NAME: "responses"}
-
-
-def route_of(dialect: str | None) -> str:
-    """The record's ``route`` for a dialect name (chat completions when none is known)."""
-    return _ROUTES.get(dialect or chat.NAME, CHAT_ROUTE)
+DEFAULT_DIALECT = chat.DIALECT  # a stream that ended before its route was known
 
 
 class Commit(enum.Enum):
@@ -88,7 +83,7 @@ class Record:
         }
 
 
-def of_settled(settled: Settled, route: str) -> Record:
+def of_settled(settled: Settled, dialect: Dialect) -> Record:
     """The record of a settled response (the reply that completes it carries it)."""
     veto = settled.verdict.veto
     if veto is not None:
@@ -97,40 +92,40 @@ def of_settled(settled: Settled, route: str) -> Record:
         commit = Commit.SCHEDULED.value
     else:
         commit = Commit.NONE.value
-    return _record(settled.classification, settled.usage, route, commit)
+    return _record(settled.classification, settled.usage, dialect, commit)
 
 
-def of_usage_sent(sent: UsageSent, route: str) -> Record:
+def of_usage_sent(sent: UsageSent, dialect: Dialect) -> Record:
     """The record of a stream whose final usage went out: not committed until its end."""
     commit = VetoReason.NO_END_OF_STREAM.value
-    return _record(sent.classification, sent.usage, route, commit)
+    return _record(sent.classification, sent.usage, dialect, commit)
 
 
-def of_unwatched(unwatched: Unwatched, fallback: Classification, route: str) -> Record:
+def of_unwatched(unwatched: Unwatched, fallback: Classification, dialect: Dialect) -> Record:
     """The record of an answer passed unedited; ``fallback`` when nothing was known yet."""
     classification = unwatched.classification or fallback
     pending = classification.pending
     lost = pending is not None and not pending.is_empty
     commit = Commit.UNWATCHED if lost else Commit.NONE
-    return _record(classification, None, route, commit.value)
+    return _record(classification, None, dialect, commit.value)
 
 
 def _record(
     classification: Classification | None,
     usage: Mapping[str, Any] | None,
-    route: str,
+    dialect: Dialect,
     commit: str,
 ) -> Record:
     found = classification or Classification.inactive("not_joined")
-    prompt_tokens = _prompt_tokens(usage, route)
+    prompt_tokens = None if usage is None else dialect.prompt_tokens(usage)
     return Record(
         outcome=found.outcome.value,
         reason=found.reason,
         model=found.model,
         principal=found.principal,
-        route=route,
+        route=dialect.route,
         prompt_tokens=prompt_tokens,
-        split=_seen_split(found, usage, prompt_tokens, route),
+        split=_seen_split(found, usage, prompt_tokens, dialect),
         read_source=_source(found),
         commit=commit,
     )
@@ -140,43 +135,17 @@ def _seen_split(
     classification: Classification,
     usage: Mapping[str, Any] | None,
     prompt_tokens: int | None,
-    route: str,
+    dialect: Dialect,
 ) -> Split:
     split = classification.split
     if split is None:
         return Split()
-    if classification.engine:
-        split = _engine_split(usage, route) if usage is not None else Split()
+    if classification.engine:  # the engine's own read, where that API reports it
+        split = dialect.engine_read(usage) if usage is not None else Split()
     return split if prompt_tokens is None else capped(split, prompt_tokens)
-
-
-def _engine_split(usage: Mapping[str, Any], route: str) -> Split:
-    """The engine's own read, where that API reports it."""
-    if route == CHAT_ROUTE:
-        return engine_split(usage)
-    if route == "messages":
-        read = usage.get("cache_read_input_tokens")
-    else:
-        details = usage.get("input_tokens_details")
-        read = details.get("cached_tokens") if isinstance(details, dict) else None
-    return Split(read=read if _is_count(read) else 0)
 
 
 def _source(classification: Classification) -> ReadSource:
     if classification.split is None:
         return ReadSource.NONE
     return ReadSource.ENGINE if classification.engine else ReadSource.INDEX
-
-
-def _prompt_tokens(usage: Mapping[str, Any] | None, route: str) -> int | None:
-    """The upstream's whole prompt as that API counts it (Messages: its three input counts)."""
-    if usage is None:
-        return None
-    if route == "messages":
-        return messages.upstream_total(usage)
-    value = usage.get("input_tokens" if route == "responses" else "prompt_tokens")
-    return value if _is_count(value) else None
-
-
-def _is_count(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

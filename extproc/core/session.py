@@ -158,9 +158,9 @@ class Session:
         self.classification = classification
 
     @property
-    def dialect_name(self) -> str | None:
-        """The name of the API the request speaks (its dialect), once known."""
-        return None if self._dialect is None else self._dialect.name
+    def dialect(self) -> Dialect | None:
+        """The API the request speaks, once known."""
+        return self._dialect
 
     @property
     def wants_classification(self) -> bool:

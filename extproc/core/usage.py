@@ -131,6 +131,12 @@ def engine_split(usage: Mapping[str, Any], fields: UsageFields = CHAT_FIELDS) ->
     return Split(read=cached if is_count(cached) else 0)
 
 
+def prompt_count(usage: Mapping[str, Any], fields: UsageFields = CHAT_FIELDS) -> int | None:
+    """The upstream's prompt count where ``fields`` say it is; ``None`` when it is no count."""
+    value = usage.get(fields.prompt)
+    return value if is_count(value) else None
+
+
 def capped(split: Split, prompt_tokens: object) -> Split:
     """Never more cached than prompted (see the module rules)."""
     if not is_count(prompt_tokens):

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from extproc.core import record
+from extproc.core.dialects import chat, messages, responses
 from extproc.core.model import (
     CacheEntry,
     Classification,
@@ -21,6 +22,9 @@ from extproc.core.model import (
 )
 from extproc.core.phases import Settled, Unwatched, UsageSent
 from extproc.core.verdict import COMMIT, Verdict, VetoReason
+from tests.plugins.records import RECORD_FIELDS
+
+DIALECTS = {d.name: d for d in (chat.DIALECT, messages.DIALECT, responses.DIALECT)}
 
 TENANT = PrincipalId("tenant-a")
 SCOPE = Scope(TENANT, "demo", "v1")
@@ -117,22 +121,9 @@ CASES = [
 
 @pytest.mark.parametrize(("settled", "counts", "labels"), CASES)
 def test_settled_record(settled: Settled, counts: dict[str, Any], labels: dict[str, Any]) -> None:
-    fields = record.of_settled(settled, record.CHAT_ROUTE).fields()
+    fields = record.of_settled(settled, chat.DIALECT).fields()
 
-    assert set(fields) == {
-        "outcome",
-        "reason",
-        "model",
-        "principal",
-        "route",
-        "prompt_tokens",
-        "read",
-        "creation_5m",
-        "creation_1h",
-        "creation_24h",
-        "read_source",
-        "commit",
-    }
+    assert set(fields) == RECORD_FIELDS
     assert fields["route"] == "chat_completions"
     assert {k: fields[k] for k in counts} == counts
     assert {k: fields[k] for k in labels} == labels
@@ -148,13 +139,13 @@ def test_settled_record(settled: Settled, counts: dict[str, Any], labels: dict[s
 )
 def test_unwatched_record(classification: Classification | None, commit: str, reason: str) -> None:
     fallback = Classification.inactive("not_joined")
-    fields = record.of_unwatched(Unwatched(classification), fallback, "chat_completions").fields()
+    fields = record.of_unwatched(Unwatched(classification), fallback, chat.DIALECT).fields()
 
     assert (fields["commit"], fields["reason"], fields["prompt_tokens"]) == (commit, reason, None)
 
 
 def test_a_stream_whose_usage_went_out_is_not_committed_until_its_end() -> None:
-    fields = record.of_usage_sent(UsageSent(CREATED, USAGE), "chat_completions").fields()
+    fields = record.of_usage_sent(UsageSent(CREATED, USAGE), chat.DIALECT).fields()
 
     assert (fields["outcome"], fields["commit"]) == ("create_only", "no_end_of_stream")
     assert (fields["creation_1h"], fields["prompt_tokens"]) == (100, 1000)
@@ -179,7 +170,7 @@ ROUTE_CASES = [
 def test_each_route_counts_the_prompt_as_its_api_does(
     dialect: str, usage: dict[str, Any], prompt: int | None, read: int
 ) -> None:
-    found = record.of_settled(_settled(READ, usage), record.route_of(dialect)).fields()
+    found = record.of_settled(_settled(READ, usage), DIALECTS[dialect]).fields()
     assert (found["prompt_tokens"], found["read"]) == (prompt, read)
     assert found["route"] == {"chat": "chat_completions"}.get(dialect, dialect)
 
@@ -201,5 +192,5 @@ def test_an_engine_read_is_taken_where_each_api_reports_it(
     dialect: str, usage: dict[str, Any]
 ) -> None:
     engine = Classification.engine_read("demo")
-    found = record.of_settled(_settled(engine, usage), record.route_of(dialect)).fields()
+    found = record.of_settled(_settled(engine, usage), DIALECTS[dialect]).fields()
     assert (found["read"], found["read_source"]) == (40, "engine")

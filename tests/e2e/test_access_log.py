@@ -27,6 +27,7 @@ from tests.e2e.chat import (
     wait_for_read,
 )
 from tests.plugins.metrics import scrape, value
+from tests.plugins.records import RECORD_FIELDS
 from tests.plugins.stack import Stack, StackSettings, free_port
 
 pytestmark = pytest.mark.e2e
@@ -34,20 +35,7 @@ pytestmark = pytest.mark.e2e
 METRICS = f"127.0.0.1:{free_port()}"
 STACK = StackSettings(principal_source="api_keys", extra_env=(("EXTPROC_METRICS_LISTEN", METRICS),))
 STREAMED = [pytest.param(False, id="json"), pytest.param(True, id="sse")]
-FIELDS = {
-    "outcome",
-    "reason",
-    "model",
-    "principal",
-    "route",
-    "prompt_tokens",
-    "read",
-    "creation_5m",
-    "creation_1h",
-    "creation_24h",
-    "read_source",
-    "commit",
-}
+FIELDS = RECORD_FIELDS
 
 
 def _post(

@@ -5,18 +5,21 @@ Rules:
   read with, where blocks and markers are (``layout``), what a body without blocks of ours
   still needs (``plain_body``), its 400 envelope, and how its answers carry usage (``answer``,
   one reader per response, which may keep state across a stream's events);
+* and what the accounting record reads of a usage object in that API's terms: the route's name
+  (``route``), the whole prompt as the upstream counted it (``prompt_tokens``) and the engine's
+  own prefix-cache read (``engine_read``);
 * nothing else is a dialect's: scope, walk-back, tiers, floor, index and commit are shared.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from extproc.core.dialects.blocks import Layout
 from extproc.core.errors import ClientError
-from extproc.core.model import RequestPolicy
+from extproc.core.model import RequestPolicy, Split
 from extproc.core.spans import Node, Shape, Splice
 from extproc.core.sse import EventGrammar
 from extproc.core.usage import DocumentEdit, UsageRule
@@ -41,6 +44,9 @@ class Dialect:
     plain_body: Callable[[bytes, bool], bytes]
     error_envelope: Callable[[ClientError], bytes]
     answer: Callable[[], Answer]
+    route: str
+    prompt_tokens: Callable[[Mapping[str, Any]], int | None]
+    engine_read: Callable[[Mapping[str, Any]], Split]
     breakpoint_param: bool = False
 
     def serves(self, method: str, path: str) -> bool:

@@ -30,7 +30,9 @@ from extproc.core.usage import (
     UsageRule,
     edit_document,
     edited_text,
+    engine_split,
     is_error_document,
+    prompt_count,
 )
 
 __all__ = ["DIALECT", "SHAPE", "Layout", "Site", "Telemetry", "force_include_usage", "layout"]
@@ -169,5 +171,8 @@ DIALECT = Dialect(
     plain_body=plain_body,
     error_envelope=error_envelope,
     answer=_answer,
+    route="chat_completions",
+    prompt_tokens=prompt_count,
+    engine_read=engine_split,
     breakpoint_param=True,
 )

@@ -161,6 +161,11 @@ def _engine_read(usage: Mapping[str, Any]) -> int | None:
     return read if is_count(read) else None
 
 
+def engine_split(usage: Mapping[str, Any]) -> Split:
+    """The engine's own read, as Messages reports it (no creation)."""
+    return Split(read=_engine_read(usage) or 0)
+
+
 _EVENT_SHAPE = Obj({"message": SHALLOW})
 
 
@@ -222,4 +227,7 @@ DIALECT = Dialect(
     plain_body=plain_body,
     error_envelope=error_envelope,
     answer=MessagesAnswer,
+    route="messages",
+    prompt_tokens=upstream_total,
+    engine_read=engine_split,
 )

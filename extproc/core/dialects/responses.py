@@ -37,6 +37,8 @@ from extproc.core.usage import (
     edit_at,
     edit_usage,
     edited_text,
+    engine_split,
+    prompt_count,
 )
 
 NAME = "responses"
@@ -168,4 +170,7 @@ DIALECT = Dialect(
     plain_body=plain_body,
     error_envelope=error_envelope,
     answer=_answer,
+    route="responses",
+    prompt_tokens=lambda usage: prompt_count(usage, FIELDS),
+    engine_read=lambda usage: engine_split(usage, FIELDS),
 )
