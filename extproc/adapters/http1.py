@@ -65,14 +65,16 @@ class Http1Client:
         idle: int = 16,
         max_head: int = MAX_HEAD,
         max_body: int = MAX_BODY,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         url = urlsplit(base_url)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError(f"expected an http:// or https:// URL, got {base_url!r}")
         self._host = url.hostname
         self._port = url.port or (443 if url.scheme == "https" else 80)
+        # https: the system's trust store (SSL_CERT_FILE / SSL_CERT_DIR name a private CA).
         self._ssl: ssl.SSLContext | None = (
-            ssl.create_default_context() if url.scheme == "https" else None
+            (tls or ssl.create_default_context()) if url.scheme == "https" else None
         )
         self._prefix = url.path.rstrip("/")
         authority = url.netloc.rpartition("@")[2]

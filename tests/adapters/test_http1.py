@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import struct
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import pytest
+import trustme
 
 from extproc.adapters.http1 import Http1Client, HttpError
 
@@ -294,3 +296,42 @@ async def test_a_closed_client_refuses_calls():
 def test_only_http_urls_are_taken(url):
     with pytest.raises(ValueError, match="http"):
         Http1Client(url, connect=1.0, total=1.0)
+
+
+@pytest.fixture(scope="module")
+def authority() -> trustme.CA:
+    return trustme.CA()
+
+
+async def _tls_server(authority: trustme.CA, answer: bytes) -> tuple[asyncio.Server, RawServer]:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(context)
+    raw = RawServer(lambda head, n: answer)
+    server = await asyncio.start_server(raw.handle, "127.0.0.1", 0, ssl=context)
+    raw.port = server.sockets[0].getsockname()[1]
+    return server, raw
+
+
+async def test_https_verifies_the_service_and_keeps_the_connection(authority):
+    server, raw = await _tls_server(authority, _ok(b"secure"))
+    async with server:
+        trusted = ssl.create_default_context()
+        authority.configure_trust(trusted)
+        http = Http1Client(f"https://127.0.0.1:{raw.port}", connect=2.0, total=2.0, tls=trusted)
+        assert (await http.request("POST", "/v1/tokenize", b"{}")).body == b"secure"
+        assert (await http.request("POST", "/v1/tokenize", b"{}")).body == b"secure"
+        await http.aclose()
+        server.close()
+        await asyncio.wait_for(asyncio.gather(*raw.handlers), 2.0)
+    assert raw.connections == 1
+
+
+async def test_https_refuses_a_service_it_cannot_verify(authority):
+    server, raw = await _tls_server(authority, _ok(b"secure"))
+    async with server:
+        http = Http1Client(f"https://127.0.0.1:{raw.port}", connect=2.0, total=2.0)
+        with pytest.raises(HttpError, match="cannot connect"):
+            await http.request("GET", "/")
+        await http.aclose()
+        server.close()
+    assert raw.requests == []
