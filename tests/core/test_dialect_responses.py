@@ -140,6 +140,32 @@ def test_an_overridden_item_marker_is_still_validated() -> None:
     assert caught.value.reason is RejectReason.UNSUPPORTED_TYPE
 
 
+SHADOWED_INPUTS = [
+    pytest.param(
+        b'{"input":[{"role":"user","content":"a","cache_control":{"type":"x"}}],"input":"b"}',
+        id="message-item-marker",
+    ),
+    pytest.param(
+        b'{"input":[{"role":"developer","cache_control":{}}],"input":[{"role":"user",'
+        b'"content":"b"}]}',
+        id="message-item-without-blocks",
+    ),
+    pytest.param(
+        b'{"input":[{"type":"function_call","cache_control":{"type":"x"}}],"input":"b"}',
+        id="other-item-marker",
+    ),
+]
+
+
+@pytest.mark.parametrize("raw", SHADOWED_INPUTS)
+def test_the_markers_of_a_shadowed_input_are_cut_not_read(raw: bytes) -> None:
+    # of duplicate "input" members the last is the one read: the first one's markers go
+    # (they are stripped), but they are not validated, whatever the item
+    prepared = _prepare(raw)
+    assert b"cache_control" not in prepared.body
+    assert prepared.breakpoints == ()
+
+
 def test_the_400_is_the_openai_envelope() -> None:
     with pytest.raises(MarkerError) as caught:
         _prepare({"input": [{"role": "user", "content": [_part("a", cache_control="x")]}]})

@@ -11,7 +11,12 @@ class TcpProxy:
 
     * ``stop()`` refuses new connections and cuts the open ones (the server is gone);
     * ``cut()`` closes the open connections only (a network blip);
-    * ``stall()`` keeps connections open but forwards nothing (a black hole) until ``resume()``;
+    * ``stall()`` keeps accepting connections and keeps the open ones open, but forwards
+      nothing in either direction (a black hole, a partitioned network) until ``resume()``;
+      what was sent meanwhile then goes on, in order, as TCP's retransmissions deliver it
+      once a short partition heals (the kernel gives a connection up only after minutes),
+      and an end that closed meanwhile is closed then (the other end learns of it no
+      sooner); ``held`` counts the chunks and closes that waited;
     * ``delay`` (seconds, 0 by default) holds every chunk that long before forwarding it (a
       slow network or a slow server), in each direction.
     The listening port stays the same across ``stop()`` and ``start()``.
@@ -26,6 +31,8 @@ class TcpProxy:
         self._flowing = asyncio.Event()
         self._flowing.set()
         self.delay = 0.0
+        self.held = 0
+        self.connections = 0  # open through the proxy: a pump of theirs still runs
 
     @property
     def port(self) -> int:
@@ -65,18 +72,35 @@ class TcpProxy:
             writer.transport.abort()
             return
         self._writers.update((writer, up_writer))
+        self.connections += 1
+        pumps: set[asyncio.Task[None]] = set()
+
+        def ended(task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            pumps.discard(task)
+            if not pumps:
+                self.connections -= 1
+
         for source, sink in ((reader, up_writer), (up_reader, writer)):
             task = asyncio.create_task(self._pump(source, sink))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            pumps.add(task)
+            task.add_done_callback(ended)
 
     async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError):
             while chunk := await source.read(65536):
                 if self.delay:
                     await asyncio.sleep(self.delay)
-                await self._flowing.wait()
+                await self._cross()
                 sink.write(chunk)
                 await sink.drain()
+        await self._cross()  # a close (or a reset) crosses a black hole no sooner than data
         sink.transport.abort()
         self._writers.discard(sink)
+
+    async def _cross(self) -> None:
+        """Wait until nothing stalls the way (a chunk or a close that waits is ``held``)."""
+        if not self._flowing.is_set():
+            self.held += 1
+            await self._flowing.wait()

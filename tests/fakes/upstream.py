@@ -415,8 +415,8 @@ class FakeUpstream:
             response.enable_chunked_encoding()
         else:
             response.content_length = sum(len(c) for c in chunks)
-        await response.prepare(request)
         try:
+            await response.prepare(request)  # sends the headers: the client may be gone already
             await self._write(request, record, answer, response, chunks)
         except (ConnectionError, RuntimeError):
             record.aborted = True

@@ -5,8 +5,9 @@
 
 * in part A, the server is SIGKILLed while streams are in flight and restarted (twice);
 * in part B, one dependency fault at a time, each followed by a recovery pause: PostgreSQL down,
-  slow and flapping (the TCP proxy in front of it stopped, delayed, toggled), the tokenizer
-  service down (its proxy stopped), slow (the fake's delay) and miscounting;
+  slow, flapping and black-holed (the TCP proxy in front of it stopped, delayed, toggled,
+  stalled), the tokenizer service down (its proxy stopped), slow (the fake's delay) and
+  miscounting;
 * throughout, single requests get an upstream reset at a random byte offset, a 5xx, a
   mid-stream error frame, or a client that hangs up at a random point.
 
@@ -376,6 +377,7 @@ class Campaign:
             self._db_down,
             self._db_slow,
             self._db_flapping,
+            self._db_black_hole,
             self._tokenizer_down,
             self._tokenizer_slow,
             self._tokenizer_wrong_counts,
@@ -463,6 +465,35 @@ class Campaign:
                 await task
 
         await self._fault("database_flapping", done, begin, end, self.rng.uniform(1.5, 2.5))
+
+    async def _db_black_hole(self, done: asyncio.Event) -> None:
+        """A network partition of 1-2 s: connections accepted and kept, nothing forwarded.
+
+        Then the partition heals and the connections resume: TCP retransmits what was sent
+        meanwhile (it gives a connection up only after minutes), so the held bytes (and
+        closes) arrive late and in order; the server's own deadlines are what must cut the
+        statements caught in it. Counted: the connections open when it began, and the chunks
+        and closes it held.
+        """
+        proxy = self.stack.database_proxy
+        assert proxy is not None
+        held = proxy.held
+
+        async def stall() -> None:
+            proxy.stall()
+            self.report.faults["database_black_holed_connections"] += proxy.connections
+
+        async def resume() -> None:
+            proxy.resume()
+            self.report.faults["database_black_hole_held"] += proxy.held - held
+
+        await self._fault(
+            "database_black_hole",
+            done,
+            lambda: self._on_loop(stall()),
+            lambda: self._on_loop(resume()),
+            self.rng.uniform(1.0, 2.0),
+        )
 
     async def _tokenizer_down(self, done: asyncio.Event) -> None:
         proxy = self.stack.tokenizer_proxy

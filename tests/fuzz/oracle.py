@@ -10,7 +10,6 @@ from __future__ import annotations
 import decimal
 import json
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +48,9 @@ def parse(data: bytes | str) -> Any:
     """``data`` as values (``Obj``, ``Num``, ...); raises ``NotJson``.
 
     Bytes are decoded as JSON text may be encoded (UTF-8, 16 or 32); invalid UTF-8 is read
-    with its stray bytes as lone surrogates, so a parser that tolerates them is matched.
+    with each stray byte as a lone surrogate, so a parser that tolerates them is matched and
+    the same bytes read the same whatever else the body holds (an encoded surrogate too: it
+    is three stray bytes, not one character, with or without other invalid bytes around).
     """
     if isinstance(data, bytes):
         try:
@@ -69,7 +70,9 @@ def parse(data: bytes | str) -> Any:
 
 
 def _decode(data: bytes) -> str:
-    return data.decode(json.detect_encoding(data), "surrogatepass")
+    encoding = json.detect_encoding(data)
+    errors = "surrogateescape" if encoding.startswith("utf-8") else "surrogatepass"
+    return data.decode(encoding, errors)
 
 
 def plain(value: Any) -> Any:
@@ -141,20 +144,3 @@ def events(data: bytes) -> list[Event]:
     if start < len(data):
         out.append(Event(data[start:], tuple(lines), False))
     return out
-
-
-def iter_marker_holders(doc: Any) -> Iterator[Obj]:
-    """Every object of a chat body where a marker is read or stripped (all copies)."""
-    if not isinstance(doc, Obj):
-        return
-    yield doc
-    for key, value in doc:
-        if key == "tools" and isinstance(value, list):
-            yield from (e for e in value if isinstance(e, Obj))
-        if key == "messages" and isinstance(value, list):
-            for message in value:
-                if not isinstance(message, Obj):
-                    continue
-                for name, part in message:
-                    if name in ("content", "tool_calls") and isinstance(part, list):
-                        yield from (e for e in part if isinstance(e, Obj))

@@ -2,9 +2,11 @@
 
     python -m tests.fuzz.run TARGET [libFuzzer options] [corpus directories]
 
-TARGET is one of ``tests.fuzz.targets.TARGETS`` (``request:chat``, ``sse``). A violated
-invariant or an unexpected exception stops the run with the input saved (``-artifact_prefix``).
-libFuzzer's last line ``Done N runs in S second(s)`` says how many inputs were run.
+TARGET is one of ``tests.fuzz.targets.TARGETS`` (``request:chat``, ``request:messages``,
+``request:responses``, ``sse``); its checked-in corpus is ``corpus/request-chat`` (``:``
+becomes ``-``) and its dictionary ``request-chat.dict``. A violated invariant or an
+unexpected exception stops the run with the input saved (``-artifact_prefix``). libFuzzer's
+last line ``Done N runs in S second(s)`` says how many inputs were run.
 """
 
 from __future__ import annotations

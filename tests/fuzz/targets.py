@@ -1,10 +1,11 @@
 """The fuzz targets and their invariants; each raises ``Violation`` when one does not hold.
 
-* ``request:<dialect>`` — one request body through the dialect's ``prepare``: only the
+* ``request:<dialect>`` — one request body through the route's ``prepare``: only the
   documented ``ClientError``s escape; a body it refuses has invalid markers by the oracle's
-  reading and a body it accepts has valid ones; the forwarded body carries no marker, is the
-  oracle's expected body value for value, and differs from the input only by deletions and the
-  dialect's known insertions (an unchanged body is the very same bytes);
+  reading (and is refused for the oracle's first reason), a body it accepts has valid ones;
+  the forwarded body carries no marker, is the oracle's expected body value for value, and
+  differs from the input only by deletions and the dialect's known insertions (an unchanged
+  body is the very same bytes);
 * ``sse`` — a response stream through ``SseAnswer`` in fuzzer-chosen chunks: every byte comes
   out once and in order, a stream whose rule edits nothing comes out identical, and an edited
   frame differs from its input only in ``usage``, which holds exactly the documented values;
@@ -25,11 +26,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from extproc.core import answers, usage
+from extproc.core.dialects import api
 from extproc.core.dialects import chat as chat_api
+from extproc.core.dialects import messages as messages_api
+from extproc.core.dialects import responses as responses_api
 from extproc.core.errors import ClientError
 from extproc.core.model import DEFAULT_TELEMETRY_PREFIXES, RequestPolicy, Split, Tier, TierPolicy
 from extproc.core.request import Prepared, prepare
-from tests.fuzz import chat, oracle
+from tests.fuzz import chat, messages, oracle, responses
 from tests.fuzz.oracle import MARKER, NotJson, Obj, is_count, parse, plain
 
 MAX_DIFFED = 4096  # longer bodies skip the byte diff (its cost grows with the square)
@@ -86,15 +90,43 @@ class Dialect:
     insertions: tuple[str, ...]
 
 
+def route_prepare(dialect: api.Dialect) -> Callable[[bytes, RequestPolicy, bool], Prepared | None]:
+    """``prepare`` as the session drives it on ``dialect``'s route: the ``cacheBreakpoint``
+    parameter reaches it only where the route reads one (chat)."""
+
+    def run(raw: bytes, policy: RequestPolicy, query_automatic: bool) -> Prepared | None:
+        return prepare(raw, policy, query_automatic and dialect.breakpoint_param, dialect)
+
+    return run
+
+
 DIALECTS: dict[str, Dialect] = {
     "chat": Dialect(
         name="chat",
         route="/v1/chat/completions",
-        prepare=prepare,
+        prepare=route_prepare(chat_api.DIALECT),
         expected=chat.expected,
         rejection=chat.rejection,
-        holders=oracle.iter_marker_holders,
+        holders=chat.holders,
         insertions=chat.INSERTIONS,
+    ),
+    "messages": Dialect(
+        name="messages",
+        route="/v1/messages",
+        prepare=route_prepare(messages_api.DIALECT),
+        expected=messages.expected,
+        rejection=messages.rejection,
+        holders=messages.holders,
+        insertions=messages.INSERTIONS,
+    ),
+    "responses": Dialect(
+        name="responses",
+        route="/v1/responses",
+        prepare=route_prepare(responses_api.DIALECT),
+        expected=responses.expected,
+        rejection=responses.rejection,
+        holders=responses.holders,
+        insertions=responses.INSERTIONS,
     ),
 }
 
@@ -116,6 +148,8 @@ def check_request(dialect: Dialect, data: bytes) -> None:
             )
             if want is None:
                 raise Violation(f"refused valid markers ({err.code}: {err.message})") from err
+            if err.reason.value != want:
+                raise Violation(f"refused as {err.reason.value} instead of {want}") from err
         return
     if prepared is None:
         if isinstance(doc, Obj):
@@ -159,8 +193,27 @@ def _check_forwarded(
     expected = dialect.expected(doc, options.strip_telemetry, prefixes)
     if forwarded != expected:
         raise Violation(f"forwarded {forwarded!r:.300} instead of {expected!r:.300}")
+    kept = _kept_prefix(raw, body)
+    if kept == len(body):
+        return  # deletions only
+    if not dialect.insertions:
+        raise Violation(f"bytes added beyond our edits at {kept}: {body[kept : kept + 40]!r}")
     if len(raw) <= MAX_DIFFED and len(body) <= MAX_DIFFED + 64:
         _only_known_insertions(raw, body, dialect.insertions)
+
+
+def _kept_prefix(raw: bytes, body: bytes) -> int:
+    """How much of ``body`` is a subsequence of ``raw`` (all of it: ``raw`` with deletions).
+
+    Greedy matching decides a subsequence exactly, in linear time; a diff might align a
+    deletion-only edit as a replacement.
+    """
+    position = 0
+    for n, byte in enumerate(body):
+        position = raw.find(byte, position) + 1
+        if position == 0:
+            return n
+    return len(body)
 
 
 def _only_known_insertions(raw: bytes, body: bytes, insertions: tuple[str, ...]) -> None:

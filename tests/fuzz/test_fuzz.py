@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from extproc.core import dialects
 from tests.fuzz.targets import DIALECTS, TARGETS
 
 HERE = Path(__file__).parent
 CORPUS = HERE / "corpus"
-# A target's corpus folder and dictionary: request:chat -> corpus/request-chat, request.dict.
+# A target's corpus folder and dictionary: request:chat -> corpus/request-chat, request-chat.dict.
 FOLDERS = {name: name.replace(":", "-") for name in TARGETS}
-DICTIONARIES = {name: HERE / f"{name.split(':')[0]}.dict" for name in TARGETS}
+DICTIONARIES = {name: HERE / f"{FOLDERS[name]}.dict" for name in TARGETS}
 # Short enough for the test command (a few seconds each), long enough to leave the corpus.
 RUNS = 6000
 REQUEST_OPTIONS = [b""] + [bytes([0x10 + i]) for i in range(16)]
@@ -29,6 +30,13 @@ def test_every_target_has_a_corpus_and_a_dictionary() -> None:
     for name in TARGETS:
         assert sorted((CORPUS / FOLDERS[name]).iterdir()), name
         assert DICTIONARIES[name].is_file(), name
+
+
+@pytest.mark.parametrize("name", sorted(DIALECTS))
+def test_every_dialect_target_is_its_routes(name: str) -> None:
+    served = dialects.for_request("POST", DIALECTS[name].route)
+    assert served is not None
+    assert served.name == name
 
 
 @pytest.mark.parametrize("name", sorted(TARGETS))

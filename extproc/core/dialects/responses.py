@@ -10,7 +10,8 @@ Rules:
   ``function_call_output``, else its type;
 * markers are read on content parts, tools, items and the top level (automatic caching); a
   message item's own marker marks its last block unless that block has its own (then the
-  item's is only validated); a ``cache_control`` anywhere else is content;
+  item's is only validated); of duplicate members the last is read, the markers of the
+  others are only cut; a ``cache_control`` anywhere else is content;
 * the 400 is the OpenAI envelope; a stream needs no option (its final event carries usage);
 * usage lives in the body's ``usage`` and in ``response.usage`` of the final
   ``response.completed`` or ``response.incomplete`` event (earlier events carry
@@ -99,7 +100,8 @@ class _Walk(Walk):
         for k, content in enumerate(contents):
             last = effective and k == len(contents) - 1
             self.content(content.node, role, f"{where}.content", last)
-        self.item_marker(marker, before)
+        if effective:
+            self.item_marker(marker, before)
 
     def item_marker(self, marker: object, before: int) -> None:
         """A message item's marker: on its last block, unless that block has its own."""
