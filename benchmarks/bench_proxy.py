@@ -299,14 +299,18 @@ class Run:
     messages_per_request: float | None
     outcomes: dict[str, float]
     other_cores: float  # CPU that processes outside the benchmark used meanwhile, in cores
+    stolen_cores: float = 0.0  # CPU the hypervisor gave other guests meanwhile (steal), in cores
 
 
-def machine_busy_seconds() -> float:
-    """CPU time every process on the machine has used (``/proc/stat``, all cores)."""
+def machine_busy_seconds() -> tuple[float, float]:
+    """CPU time every process on the machine has used, and the time stolen from it by the
+    hypervisor (``/proc/stat``, all cores): on a shared virtual machine the second one says
+    how much of the run's wall time the guest did not get."""
     fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
     ticks = [int(value) for value in fields[:8]]
-    idle = ticks[3] + ticks[4]  # idle + iowait
-    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
+    idle, steal = ticks[3] + ticks[4], ticks[7]  # idle + iowait; steal
+    per_second = os.sysconf("SC_CLK_TCK")
+    return (sum(ticks) - idle - steal) / per_second, steal / per_second
 
 
 def envoy_messages(admin: int | None) -> float:
@@ -413,7 +417,7 @@ def _measured(
         raise RuntimeError("the load generator failed during warm-up (see loadgen.log)")
     pids = {**target.pids, "loadgen": loadgen.pid}
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-    busy_before, wall_before = machine_busy_seconds(), time.monotonic()
+    (busy_before, steal_before), wall_before = machine_busy_seconds(), time.monotonic()
     messages_before = envoy_messages(target.envoy_admin)
     counters_before = counters(target.metrics_port)
     profiler = started()
@@ -421,9 +425,11 @@ def _measured(
     loadgen.stdin.flush()
     line = _readline(loadgen.stdout)
     after = {name: cpu_seconds(pid) for name, pid in pids.items()}
-    busy = machine_busy_seconds() - busy_before
+    busy_after, steal_after = machine_busy_seconds()
+    busy, wall = busy_after - busy_before, max(1e-9, time.monotonic() - wall_before)
     ours = sum(after[name] - before[name] for name in pids)
-    other_cores = max(0.0, busy - ours) / max(1e-9, time.monotonic() - wall_before)
+    other_cores = max(0.0, busy - ours) / wall
+    stolen_cores = (steal_after - steal_before) / wall
     messages = envoy_messages(target.envoy_admin) - messages_before
     counters_after = counters(target.metrics_port)
     if profiler is not None:
@@ -439,7 +445,7 @@ def _measured(
         if value - counters_before.get(key, 0.0) > 0
     }
     per_request = messages / done if target.envoy_admin is not None else None
-    return Run(spec.connections, result, cpu, per_request, outcomes, other_cores)
+    return Run(spec.connections, result, cpu, per_request, outcomes, other_cores, stolen_cores)
 
 
 def _readline(stream: IO[bytes]) -> bytes:
@@ -822,7 +828,8 @@ def notes(bench: Bench) -> str:
         for run in bench.runs.get(name, []):
             lines.append(
                 f"- {name} at {run.connections} conn: other processes on the machine used "
-                f"{run.other_cores:.2f} cores meanwhile"
+                f"{run.other_cores:.2f} cores meanwhile, the hypervisor took "
+                f"{run.stolen_cores:.2f} (steal)"
             )
             if run.outcomes:
                 shown = ", ".join(f"{k}={v:g}" for k, v in sorted(run.outcomes.items()))
@@ -855,8 +862,8 @@ def _added(bench: Bench, name: str) -> float | None:
 def targets(bench: Bench) -> str:
     """Each target with its figure from this run, and whether it is met."""
     lines = ["Targets (sidecar CPU per request at the last connection count vs do-nothing):"]
-    limits = (("inactive", 0.6), ("read", 1.2 if bench.stream else 1.0))
-    limits += () if bench.stream else (("write", 4.0),)
+    limits: list[tuple[str, float]] = [("inactive", 0.6), ("read", 1.2 if bench.stream else 1.0)]
+    limits += [] if bench.stream else [("write", 4.0)]
     for name, limit in limits:
         ratio = _sidecar_ratio(bench, name)
         if ratio is not None:
