@@ -593,6 +593,8 @@ def run_baselines(bench: Bench, wanted: set[str]) -> None:
             continue
         grpc_port = devstack.free_port()
         mode = bench.args.noop_response_mode or ("streamed" if bench.stream else "buffered")
+        if name == "floor":
+            mode = bench.args.floor_response_mode or mode
         argv = python_argv("noop_extproc.py", "--port", str(grpc_port), "--response-mode", mode)
         sidecar = bench.children.start(name, argv, child_env())
         wait_for(functools.partial(accepts, grpc_port), sidecar, "the no-op ext_proc server")
@@ -929,6 +931,12 @@ def _parser() -> argparse.ArgumentParser:
         "--noop-response-mode",
         choices=("buffered", "streamed", "none"),
         help="override the do-nothing server's response body mode (none: 3 messages)",
+    )
+    parser.add_argument(
+        "--floor-response-mode",
+        choices=("buffered", "streamed", "none"),
+        help="the floor's response body mode (default: the do-nothing server's; none: what an "
+        "unwatched inactive answer costs, 2 messages in the body-first layout)",
     )
     parser.add_argument("--envoy-concurrency", type=int, default=1)
     parser.add_argument("--workers", type=int, default=1, help="EXTPROC_WORKERS")
