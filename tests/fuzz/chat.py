@@ -104,16 +104,4 @@ def rejection(
 
 def holders(doc: Any) -> Iterator[Obj]:
     """Every object of a chat body where a marker is read or stripped (all copies)."""
-    if not isinstance(doc, Obj):
-        return
-    yield doc
-    for key, value in doc:
-        if key == "tools" and isinstance(value, list):
-            yield from (e for e in value if isinstance(e, Obj))
-        if key == "messages" and isinstance(value, list):
-            for message in value:
-                if not isinstance(message, Obj):
-                    continue
-                for name, part in message:
-                    if name in ("content", "tool_calls") and isinstance(part, list):
-                        yield from (e for e in part if isinstance(e, Obj))
+    return rules.holders(doc, ("tools",), "messages", ("content", "tool_calls"))

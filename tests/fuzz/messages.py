@@ -86,16 +86,4 @@ def rejection(
 
 def holders(doc: Any) -> Iterator[Obj]:
     """Every object of a Messages body where a marker is read or stripped (all copies)."""
-    if not isinstance(doc, Obj):
-        return
-    yield doc
-    for key, value in doc:
-        if key in ("tools", "system") and isinstance(value, list):
-            yield from (e for e in value if isinstance(e, Obj))
-        if key == "messages" and isinstance(value, list):
-            for message in value:
-                if not isinstance(message, Obj):
-                    continue
-                for name, part in message:
-                    if name == "content" and isinstance(part, list):
-                        yield from (e for e in part if isinstance(e, Obj))
+    return rules.holders(doc, ("tools", "system"), "messages", ("content",))

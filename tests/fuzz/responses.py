@@ -109,19 +109,4 @@ def rejection(
 
 def holders(doc: Any) -> Iterator[Obj]:
     """Every object of a Responses body where a marker is read or stripped (all copies)."""
-    if not isinstance(doc, Obj):
-        return
-    yield doc
-    for key, value in doc:
-        if key in ("tools", "instructions") and isinstance(value, list):
-            yield from (e for e in value if isinstance(e, Obj))
-        if key == "input" and isinstance(value, list):
-            for item in value:
-                if not isinstance(item, Obj):
-                    continue
-                yield item
-                if not is_message(item):
-                    continue
-                for name, part in item:
-                    if name == "content" and isinstance(part, list):
-                        yield from (e for e in part if isinstance(e, Obj))
+    return rules.holders(doc, ("tools", "instructions"), "input", ("content",), is_message)

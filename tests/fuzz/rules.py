@@ -7,7 +7,7 @@ standard library's parse only (``tests.fuzz.oracle``), never from ``extproc``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,39 @@ class Site:
 
     marker: Any = None
     markable: bool = True
+
+
+def holders(
+    doc: Any,
+    lists: tuple[str, ...],
+    container: str,
+    parts: tuple[str, ...],
+    items: Callable[[Obj], bool] | None = None,
+) -> Iterator[Obj]:
+    """Every object of a body where a marker is read or stripped (all copies): the body, the
+    objects of its top-level ``lists``, and the objects of each ``parts`` list of the objects in
+    ``container``; with ``items``, each of those objects too, and only the parts of those it
+    accepts."""
+    if not isinstance(doc, Obj):
+        return
+    yield doc
+    for key, value in doc:
+        if key in lists and isinstance(value, list):
+            yield from _objects(value)
+        if key != container or not isinstance(value, list):
+            continue
+        for item in _objects(value):
+            if items is not None:
+                yield item
+                if not items(item):
+                    continue
+            for name, part in item:
+                if name in parts and isinstance(part, list):
+                    yield from _objects(part)
+
+
+def _objects(values: list[Any]) -> Iterator[Obj]:
+    return (v for v in values if isinstance(v, Obj))
 
 
 def strip(value: Any) -> Any:

@@ -100,34 +100,26 @@ def route_prepare(dialect: api.Dialect) -> Callable[[bytes, RequestPolicy, bool]
     return run
 
 
+def _dialect(name: str, route: str, api_dialect: api.Dialect, oracle_module: Any) -> Dialect:
+    """A route's entry: the server's ``prepare`` on it and the oracle module that reads it."""
+    return Dialect(
+        name=name,
+        route=route,
+        prepare=route_prepare(api_dialect),
+        expected=oracle_module.expected,
+        rejection=oracle_module.rejection,
+        holders=oracle_module.holders,
+        insertions=oracle_module.INSERTIONS,
+    )
+
+
 DIALECTS: dict[str, Dialect] = {
-    "chat": Dialect(
-        name="chat",
-        route="/v1/chat/completions",
-        prepare=route_prepare(chat_api.DIALECT),
-        expected=chat.expected,
-        rejection=chat.rejection,
-        holders=chat.holders,
-        insertions=chat.INSERTIONS,
-    ),
-    "messages": Dialect(
-        name="messages",
-        route="/v1/messages",
-        prepare=route_prepare(messages_api.DIALECT),
-        expected=messages.expected,
-        rejection=messages.rejection,
-        holders=messages.holders,
-        insertions=messages.INSERTIONS,
-    ),
-    "responses": Dialect(
-        name="responses",
-        route="/v1/responses",
-        prepare=route_prepare(responses_api.DIALECT),
-        expected=responses.expected,
-        rejection=responses.rejection,
-        holders=responses.holders,
-        insertions=responses.INSERTIONS,
-    ),
+    d.name: d
+    for d in (
+        _dialect("chat", "/v1/chat/completions", chat_api.DIALECT, chat),
+        _dialect("messages", "/v1/messages", messages_api.DIALECT, messages),
+        _dialect("responses", "/v1/responses", responses_api.DIALECT, responses),
+    )
 }
 
 
