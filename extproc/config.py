@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from extproc.core import defaults
 from extproc.core.classify import EngineCache
@@ -261,9 +262,16 @@ def _database_url(text: str) -> str:
 
 
 def _tokenizer_url(text: str) -> str | None:
-    if text and not text.startswith(("http://", "https://")):
-        raise ValueError("expected an http:// or https:// URL")
-    return text or None
+    if not text:
+        return None
+    try:
+        url = urlsplit(text)
+        url.port  # noqa: B018 (reading it checks it)
+    except ValueError:
+        raise ValueError("expected an http:// or https:// URL with a valid port") from None
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ValueError("expected an http:// or https:// URL with a host")
+    return text
 
 
 def _tiers(text: str) -> frozenset[Tier]:

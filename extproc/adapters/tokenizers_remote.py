@@ -2,7 +2,7 @@
 
 Rules:
 * one pool of keep-alive connections (``http1.Http1Client``, the cheapest client measured in
-  ``benchmarks/bench_http_clients.py``), created on first use;
+  ``benchmarks/bench_http_clients.py``), connected on first use;
 * the model list is memoised for ``models_ttl``; past it the last good list is still served,
   for ``models_stale_for`` more seconds, while one fetch refreshes it; concurrent callers with
   no list share one fetch; a failed fetch is not memoised;
@@ -95,17 +95,16 @@ class RemoteTokenizer:
         breaker: Breaker | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        self._base_url = base_url
         self._timeouts = timeouts or RemoteTimeouts()
+        t = self._timeouts
+        self._http = http1.Http1Client(base_url, connect=t.connect, total=t.total, headers=_JSON)
         self._clock = clock
         self._rng = rng or random.Random()
         self._sleep = sleep
         self._budget = RetryBudget(clock=clock)
         self._breaker = breaker
         self.retries = 0
-        self._http: http1.Http1Client | None = None
         self._closed = False
-        t = self._timeouts
         self._models: TtlMemo[str, Mapping[str, str]] = TtlMemo(
             t.models_ttl, 1, clock, t.models_stale_for
         )
@@ -129,8 +128,7 @@ class RemoteTokenizer:
     async def aclose(self) -> None:
         self._closed = True
         await self._models.settle()
-        if self._http is not None:
-            await self._http.aclose()
+        await self._http.aclose()
 
     async def _fetch_models(self) -> Mapping[str, str]:
         body = await through(self._breaker, lambda: self._call("GET", "/v1/models", None))
@@ -139,11 +137,6 @@ class RemoteTokenizer:
     def _client(self) -> http1.Http1Client:
         if self._closed:
             raise DependencyError("tokenizer service client is closed")
-        if self._http is None:
-            t = self._timeouts
-            self._http = http1.Http1Client(
-                self._base_url, connect=t.connect, total=t.total, headers=_JSON
-            )
         return self._http
 
     async def _call(self, method: str, path: str, content: bytes | None) -> Any:

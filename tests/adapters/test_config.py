@@ -120,6 +120,8 @@ INVALID = [
     pytest.param("PRINCIPAL_SOURCE", "header:", id="principal-header-empty"),
     pytest.param("PRINCIPAL_SOURCE", "header:bad name", id="principal-header-bad"),
     pytest.param("TOKENIZER_URL", "ftp://x", id="tokenizer-url-scheme"),
+    pytest.param("TOKENIZER_URL", "http://", id="tokenizer-url-no-host"),
+    pytest.param("TOKENIZER_URL", "http://tok:port/", id="tokenizer-url-bad-port"),
     pytest.param("TOKENIZERS", "qwen", id="tokenizers-no-path"),
     pytest.param("TOKENIZERS", "a=/x,a=/y", id="tokenizers-duplicate"),
     pytest.param("TOKENIZER_TIMEOUT_MS", "slow", id="tokenizer-timeout-not-int"),
