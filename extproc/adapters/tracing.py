@@ -22,6 +22,7 @@ import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -73,6 +74,33 @@ def protocol(env: Mapping[str, str]) -> str:
     return chosen
 
 
+def describe(env: Mapping[str, str]) -> str | dict[str, str]:
+    """What the variables configure, for ``serve --check``: ``"off"``, or the protocol, the
+    endpoint (its host and path only) and the exporter module; raises ``TracingConfigError``
+    when the traces asked for cannot be sent (unknown protocol, exporter not installed)."""
+    if not is_enabled(env):
+        return "off"
+    chosen = protocol(env)
+    module = _exporter_module(chosen)
+    endpoint = (
+        env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+        or env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+    )
+    return {
+        "protocol": chosen,
+        "endpoint": _host_and_path(endpoint) if endpoint else "the exporter's default",
+        "exporter": module.__name__,
+    }
+
+
+def _host_and_path(url: str) -> str:
+    """An endpoint without credentials or query (``OTEL_EXPORTER_OTLP_HEADERS`` is never shown)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit(parts._replace(netloc=netloc, query="", fragment=""))
+
+
 @dataclass(frozen=True, slots=True)
 class TracerSetup:
     """A configured tracer and the provider that flushes it on ``shutdown``."""
@@ -88,15 +116,19 @@ def tracer_from_env(env: Mapping[str, str]) -> TracerSetup | None:
     """The OTLP-exporting tracer the variables configure, or ``None`` (tracing off)."""
     if not is_enabled(env):
         return None
-    module_name = _EXPORTERS[protocol(env)]
+    return tracer_with(_exporter_module(protocol(env)).OTLPSpanExporter())
+
+
+def _exporter_module(chosen: str) -> Any:
+    """The OTLP exporter module of protocol ``chosen``; ``TracingConfigError`` when missing."""
+    module_name = _EXPORTERS[chosen]
     try:
-        module = importlib.import_module(module_name)
+        return importlib.import_module(module_name)
     except ImportError:
         raise TracingConfigError(
             f"OTEL_* variables configure OTLP traces but {module_name} is not installed: "
             "pip install 'extproc[otlp]'"
         ) from None
-    return tracer_with(module.OTLPSpanExporter())
 
 
 def tracer_with(exporter: Any) -> TracerSetup:

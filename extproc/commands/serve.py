@@ -65,7 +65,14 @@ def run(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"extproc serve: {note}", file=sys.stderr)
     if args.check:
-        sys.stdout.write(codec.pretty(describe(settings)).decode())
+        from extproc.adapters import tracing
+
+        try:
+            traces = tracing.describe(os.environ)
+        except tracing.TracingConfigError as err:
+            print(f"extproc serve: {err}", file=sys.stderr)
+            return EXIT_CONFIG
+        sys.stdout.write(codec.pretty({**describe(settings), "traces": traces}).decode())
         return 0
     from extproc import app
 

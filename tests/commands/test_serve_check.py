@@ -1,4 +1,5 @@
-"""``extproc serve --check --envoy-config``: a warning when clients could set the principal."""
+"""``extproc serve --check``: a warning when clients could set the principal (``--envoy-config``),
+and what the OTEL_* variables configure for traces."""
 
 from __future__ import annotations
 
@@ -87,3 +88,41 @@ def test_an_unreadable_envoy_config_exits_2(check: Check, tmp_path: Path) -> Non
     assert (code, out) == (2, "")
     assert "--envoy-config" in err
     assert "cannot read" in err
+
+
+@pytest.fixture
+def no_otel(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in [k for k in os.environ if k.startswith("OTEL_")]:
+        monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def test_traces_are_off_unless_configured(check: Check, no_otel: pytest.MonkeyPatch) -> None:
+    code, out, _ = check("api_keys")
+    assert (code, codec.loads(out)["traces"]) == (0, "off")
+
+
+def test_configured_traces_are_described_without_credentials(
+    check: Check, no_otel: pytest.MonkeyPatch
+) -> None:
+    no_otel.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "https://user:secret@collector:4318/?key=abc123")
+    no_otel.setenv("OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer very-secret")
+    code, out, _ = check("api_keys")
+    assert code == 0
+    assert codec.loads(out)["traces"] == {
+        "protocol": "http/protobuf",
+        "endpoint": "https://collector:4318/",
+        "exporter": "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    }
+    assert "secret" not in out
+    assert "abc123" not in out
+
+
+def test_traces_that_cannot_be_sent_fail_the_check(
+    check: Check, no_otel: pytest.MonkeyPatch
+) -> None:
+    no_otel.setenv("OTEL_TRACES_EXPORTER", "otlp")
+    no_otel.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "smoke-signals")
+    code, out, err = check("api_keys")
+    assert (code, out) == (2, "")
+    assert "OTLP protocol 'smoke-signals'" in err
