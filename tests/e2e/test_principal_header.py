@@ -1,4 +1,5 @@
-"""A trusted principal header: every shipped Envoy drops the client's copy, only the auth's counts.
+"""A trusted principal header: every shipped Envoy drops the client's copy, only the auth's counts;
+and hostile bodies through each of those Envoys: no marker reaches the upstream.
 
 One server trusts ``x-extproc-principal``; in front of it run, side by side, the shipped
 bootstrap, the Istio EnvoyFilter applied to a sidecar's inbound listener and the Envoy Gateway
@@ -16,9 +17,10 @@ from typing import Any
 
 import pytest
 
+from extproc.core import codec
 from extproc.principals import parse_principal_source
 from tests.deploy.manifests import as_gateway_listener, as_istio_sidecar, hcm_of
-from tests.e2e.chat import cached_request, send, usage_of, wait_for_read
+from tests.e2e.chat import cached_request, exchange, send, usage_of, wait_for_read
 from tests.plugins.stack import Stack, StackSettings, launch_envoy
 
 pytestmark = pytest.mark.e2e
@@ -141,3 +143,51 @@ def test_the_auth_filter_wins_over_a_forged_header(front: Stack) -> None:
 
     assert usage["cache_read_input_tokens"] == 0
     assert usage["cache_creation_input_tokens"] > 0
+
+
+# ---- hostile bodies through each deployment ----
+
+CUT = b',"cache_control":{"type":"ephemeral"}'
+LOSSLESS = (
+    b'{"model":"demo","n":1180591620717411303424,"x":1e400,"s":"\\ud800 lone","k":1,"k":2,'
+    b'"messages":[{"role":"user","content":[{"type":"text","text":"hello"' + CUT + b"}]}]}"
+)
+
+
+def test_values_only_a_lossless_reader_reads_pass_as_sent_without_markers(front: Stack) -> None:
+    result = exchange(front, LOSSLESS, key(tenant()))
+
+    # The fake upstream's own parser refuses 1e400 (its 400 is passed through): what matters is
+    # what it received.
+    assert result.upstream_body == LOSSLESS.replace(CUT, b"")
+
+
+@pytest.mark.parametrize(
+    ("raw", "code", "message"),
+    [
+        pytest.param(
+            b'{"model":"demo","messages":[{"role":"user","content":[{"type":"text","text":"x",'
+            b'"cache_control":{"type":"ephemeral","ttl":"2h"}}]}]}',
+            "invalid_cache_control",
+            'invalid cache_control ttl: "2h"',
+            id="bad-ttl",
+        ),
+        pytest.param(
+            '{"model":"demo","messages":[{"role":"user","content":[{"type":"text","text":"x",'
+            '"cache_control":{"type":"ephemeral"}}]}]}'.encode("utf-16"),
+            "unreadable_body",
+            "request body is not valid JSON; cache_control markers can only be read in a "
+            "valid UTF-8 JSON body",
+            id="utf-16-with-a-marker",
+        ),
+    ],
+)
+def test_a_refused_body_never_reaches_the_upstream(
+    front: Stack, raw: bytes, code: str, message: str
+) -> None:
+    result = exchange(front, raw, key(tenant()))
+
+    assert result.status == 400, result.body
+    error = codec.loads(result.body)["error"]
+    assert (error["code"], error["message"]) == (code, message)
+    assert result.upstream_body is None
