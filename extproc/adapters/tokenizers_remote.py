@@ -104,7 +104,6 @@ class RemoteTokenizer:
         self._budget = RetryBudget(clock=clock)
         self._breaker = breaker
         self.retries = 0
-        self._closed = False
         self._models: TtlMemo[str, Mapping[str, str]] = TtlMemo(
             t.models_ttl, 1, clock, t.models_stale_for
         )
@@ -126,18 +125,12 @@ class RemoteTokenizer:
         await self._models.settle()
 
     async def aclose(self) -> None:
-        self._closed = True
         await self._models.settle()
         await self._http.aclose()
 
     async def _fetch_models(self) -> Mapping[str, str]:
         body = await through(self._breaker, lambda: self._call("GET", "/v1/models", None))
         return _parse_models(body)
-
-    def _client(self) -> http1.Http1Client:
-        if self._closed:
-            raise DependencyError("tokenizer service client is closed")
-        return self._http
 
     async def _call(self, method: str, path: str, content: bytes | None) -> Any:
         """The parsed JSON answer, retrying a 503 while the budget and the window allow."""
@@ -159,7 +152,7 @@ class RemoteTokenizer:
     async def _call_once(self, method: str, path: str, content: bytes | None) -> Any:
         """The parsed JSON answer of one call; every way it can fail is mapped here."""
         try:
-            status, body = await self._client().request(method, path, content)
+            status, body = await self._http.request(method, path, content)
         except http1.HttpError as exc:
             raise DependencyError(f"tokenizer service {path}: {exc.reason}") from exc
         if status == 422 and path == "/v1/tokenize":
